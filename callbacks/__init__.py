@@ -1,0 +1,1 @@
+"""Lightning callbacks for ContinuousNet models, installed as ``lightning_cnet.callbacks``."""

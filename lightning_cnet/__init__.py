@@ -1,0 +1,50 @@
+"""lightning-cnet: continuous-in-depth neural networks (ContinuousNet) for PyTorch and Lightning.
+
+The model layer (:mod:`bases`, :mod:`integrators`, :mod:`layers`, :mod:`ode_block`, :mod:`models`) is
+plain PyTorch; Lightning is imported only by the task, data and callback modules.
+"""
+
+from lightning_cnet.bases import Basis, get_basis, list_bases
+from lightning_cnet.integrators import (
+    ButcherTableau,
+    get_scheme,
+    list_schemes,
+    odeint_fixed,
+    register_scheme,
+    rk_step,
+)
+from lightning_cnet.models import (
+    ContinuousNet,
+    ResolutionChange,
+    cnet_cifar,
+    cnet_cifar_wide,
+    cnet_digits,
+    get_model,
+    list_models,
+    register_model,
+)
+from lightning_cnet.ode_block import ODEBlock, StageResolution
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Basis",
+    "ButcherTableau",
+    "ContinuousNet",
+    "ODEBlock",
+    "ResolutionChange",
+    "StageResolution",
+    "cnet_cifar",
+    "cnet_cifar_wide",
+    "cnet_digits",
+    "get_basis",
+    "get_model",
+    "get_scheme",
+    "list_bases",
+    "list_models",
+    "list_schemes",
+    "odeint_fixed",
+    "register_model",
+    "register_scheme",
+    "rk_step",
+]
