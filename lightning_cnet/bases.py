@@ -86,10 +86,23 @@ class Basis(ABC):
         weights = self.node_weights(coeffs.shape[0], Fraction(t))
         return sum(coeffs[index] * weight for index, weight in weights)
 
+    @abstractmethod
+    def interpolation_points(self, n_basis: int) -> list[Fraction]:
+        """Times at which the value of ``theta`` is coefficient ``k`` (a piece's centre, or a node)."""
+
     def refinement_matrix(self, n_basis: int) -> torch.Tensor:
-        """The matrix ``[K', K]`` of one refinement; ``theta(t)`` is unchanged by it."""
+        """The matrix ``[K', K]`` of one refinement; ``theta(t)`` is unchanged by it.
+
+        The refined space contains the coarse one, so each new coefficient is the coarse ``theta`` at the
+        new coefficient's interpolation point: the entries are exact (0, 1/2, 1).
+        """
         self.validate_size(n_basis)
-        return self.transfer_matrix(n_basis, self.refined_size(n_basis))
+        points = self.interpolation_points(self.refined_size(n_basis))
+        matrix = torch.zeros(len(points), n_basis, dtype=torch.float64)
+        for row, t in enumerate(points):
+            for index, weight in self.node_weights(n_basis, t):
+                matrix[row, index] = weight
+        return matrix
 
     def projection_matrix(self, n_from: int, n_to: int) -> torch.Tensor:
         """The L2 projection ``[n_to, n_from]`` onto a basis of ``n_to <= n_from`` coefficients."""
@@ -143,6 +156,9 @@ class PiecewiseConstantBasis(Basis):
     def refined_size(self, n_basis: int) -> int:
         return 2 * n_basis
 
+    def interpolation_points(self, n_basis: int) -> list[Fraction]:
+        return [Fraction(2 * k + 1, 2 * n_basis) for k in range(n_basis)]
+
 
 class PiecewiseLinearBasis(Basis):
     """Continuous piecewise linear ("hat") functions on ``K >= 2`` equally spaced nodes ``j/(K-1)``.
@@ -165,6 +181,9 @@ class PiecewiseLinearBasis(Basis):
 
     def refined_size(self, n_basis: int) -> int:
         return 2 * n_basis - 1
+
+    def interpolation_points(self, n_basis: int) -> list[Fraction]:
+        return self.breakpoints(n_basis)
 
 
 _BASES: dict[str, Basis] = {

@@ -150,18 +150,23 @@ class TimeBatchNorm2d(TimeDependent):
             mean = at_time(self.running_mean, weights)
             var = at_time(self.running_var, weights)
             return F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
-        if not track_stats:
-            return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
         if len(weights) == 1:
+            # A recomputed step passes the statistics with momentum 0 (left as they are), so that it saves the
+            # same tensors for backward as the original forward did.
             index = weights[0][0]
+            momentum = self.momentum if track_stats else 0.0
             return F.batch_norm(
-                x, self.running_mean[index], self.running_var[index], weight, bias, True, self.momentum, self.eps
+                x, self.running_mean[index], self.running_var[index], weight, bias, True, momentum, self.eps
             )
-        with torch.no_grad():
-            batch_var, batch_mean = torch.var_mean(x.detach().float(), dim=(0, 2, 3), correction=1)
-            for index, share in weights:
-                self.running_mean[index].lerp_(batch_mean.to(self.running_mean), self.momentum * share)
-                self.running_var[index].lerp_(batch_var.to(self.running_var), self.momentum * share)
+        if track_stats:
+            # Updated through ``.data`` so that, like the in-kernel update above, it does not bump the version
+            # of buffers that earlier single-coefficient calls saved for backward.
+            running_mean, running_var = self.running_mean.data, self.running_var.data
+            with torch.no_grad():
+                batch_var, batch_mean = torch.var_mean(x.detach().to(running_mean.dtype), dim=(0, 2, 3), correction=1)
+                for index, share in weights:
+                    running_mean[index].lerp_(batch_mean, self.momentum * share)
+                    running_var[index].lerp_(batch_var, self.momentum * share)
         return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
 
     def resample(self, matrix: torch.Tensor) -> ParameterMap:

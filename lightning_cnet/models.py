@@ -16,7 +16,7 @@ Example:
     ...     model.function_evaluations
     24
     >>> print(model.refine())
-    n_basis 2-2-2 -> 4-4-4, n_steps 2-2-2 -> 4-4-4, parameters 272,410 -> 466,810
+    n_basis 2-2-2 -> 4-4-4, n_steps 2-2-2 -> 4-4-4, parameters 267,616 -> 462,054
 """
 
 from __future__ import annotations
@@ -244,13 +244,13 @@ class ContinuousNet(nn.Module):
             >>> net.resolution[0].scheme
             'euler'
         """
-        previous = [(stage.scheme, stage.n_steps) for stage in self.stages]
+        previous = [(stage.tableau, stage.n_steps) for stage in self.stages]
         self.set_manifestation(scheme=scheme, n_steps=n_steps)
         try:
             yield self
         finally:
-            for stage, (old_scheme, old_steps) in zip(self.stages, previous):
-                stage.set_manifestation(scheme=old_scheme, n_steps=old_steps)
+            for stage, (old_tableau, old_steps) in zip(self.stages, previous):
+                stage.set_manifestation(scheme=old_tableau, n_steps=old_steps)
 
     def refine(self, *, noise_std: float = 0.0, generator: torch.Generator | None = None) -> ResolutionChange:
         """Refine every stage in place: ``K -> 2K`` (``2K - 1`` for linear), ``N -> 2N``, ``T`` fixed.
