@@ -1,0 +1,357 @@
+"""Incremental-in-depth training: double the time resolution of every ODE stage at scheduled epochs.
+
+:class:`DepthRefinementMixin` holds all the logic using only torch types and duck typing, so the same code
+serves ``pytorch_lightning`` (:class:`DepthRefinementCallback`, here) and ``lightning.pytorch``
+(:class:`lightning_cnet.lightning.DepthRefinementCallback`).
+
+What a refinement does, at the start of a scheduled epoch and on every rank at the same point:
+
+1. (optional) measure validation accuracy;
+2. refine every :class:`~lightning_cnet.models.ContinuousNet` inside the LightningModule in place
+   (``K -> 2K``, ``N -> 2N``, ``T`` fixed), with optional seeded multiplicative weight noise;
+3. refine the averaged copies kept by weight-averaging callbacks (EMA, SWA), without noise;
+4. re-wrap the model in ``DistributedDataParallel`` under DDP, so the new parameters are all-reduced
+   (the wrapper's constructor also broadcasts rank 0's weights, so the noise is identical on all ranks);
+5. patch every optimizer in place (:func:`~lightning_cnet.callbacks.optimizer_surgery.replace_parameters`):
+   the LR scheduler, the gradient scaler and LightningCLI's parse-time optimizer keep working unchanged;
+6. (optional) measure validation accuracy again, then log one rank-zero line and the metrics
+   ``refinement/*``.
+
+Whether to refine is decided by comparing the model's current level (read from its ``n_steps``) with the
+level the schedule asks for at the current epoch, so resuming from an end-of-epoch or mid-epoch checkpoint
+never refines twice or skips one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.utilities.exceptions import MisconfigurationException
+from lightning_fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from lightning_cnet.callbacks.optimizer_surgery import (
+    OptimizerState,
+    optimized_parameters,
+    replace_parameters,
+    stale_parameters,
+)
+from lightning_cnet.callbacks.quick_eval import validation_accuracy
+from lightning_cnet.callbacks.schedule import RefineAt, RefinementSchedule
+
+#: Strategy classes (and their subclasses) whose parameters are sharded or flattened.
+UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy",
+                          "XLAFSDPStrategy")
+#: Strategy classes (and their subclasses) that are supported.
+SUPPORTED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
+
+
+def is_refinable(module: nn.Module) -> bool:
+    """Whether ``module`` looks like a :class:`~lightning_cnet.models.ContinuousNet` (duck-typed)."""
+    return all(callable(getattr(module, name, None)) for name in ("refine", "pop_load_refinements")) and hasattr(
+        module, "resolution"
+    )
+
+
+def refinable_modules(module: nn.Module) -> list[nn.Module]:
+    """The outermost refinable modules inside ``module`` (``module`` itself included), in module order."""
+    found: list[nn.Module] = []
+    inside: set[int] = set()
+    for _, child in module.named_modules():
+        if id(child) in inside:
+            continue
+        if is_refinable(child):
+            found.append(child)
+            inside.update(id(m) for m in child.modules())
+    return found
+
+
+def _n_steps(net: nn.Module) -> tuple[int, ...]:
+    return tuple(stage.n_steps for stage in net.resolution)
+
+
+def _doublings(base: int, steps: int) -> int | None:
+    """``m`` with ``steps == base * 2**m``, or ``None``."""
+    level = 0
+    while base * 2**level < steps:
+        level += 1
+    return level if base * 2**level == steps else None
+
+
+def _averaged_copies(trainer: Any) -> Iterator[nn.Module]:
+    """Models kept by weight-averaging callbacks (``_average_model``: EMA/SWA in both namespaces)."""
+    for callback in trainer.callbacks:
+        average = getattr(callback, "_average_model", None)
+        if isinstance(average, nn.Module):
+            yield average
+
+
+class DepthRefinementMixin:
+    """The namespace-free logic of :class:`DepthRefinementCallback`; see its docstring."""
+
+    def __init__(
+        self,
+        refine_at: RefineAt,
+        *,
+        max_refinements: int | None = None,
+        max_n_steps: int | None = None,
+        optimizer_state: OptimizerState = "interpolate",
+        noise_std: float = 0.0,
+        seed: int = 0,
+        evaluate: bool = True,
+        eval_batches: int | None = 10,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        self.schedule = RefinementSchedule(refine_at, max_refinements=max_refinements)
+        if max_n_steps is not None and (isinstance(max_n_steps, bool) or not isinstance(max_n_steps, int)
+                                        or max_n_steps < 1):
+            raise ValueError(f"max_n_steps={max_n_steps!r} must be None or an integer >= 1")
+        if optimizer_state not in ("interpolate", "reset"):
+            raise ValueError(f"optimizer_state={optimizer_state!r} is not known: expected 'interpolate' or 'reset'")
+        if not isinstance(noise_std, (int, float)) or isinstance(noise_std, bool) or not noise_std >= 0:
+            raise ValueError(f"noise_std={noise_std!r} must be a number >= 0 (the paper used 0.1)")
+        if eval_batches is not None and (not isinstance(eval_batches, int) or eval_batches < 1):
+            raise ValueError(f"eval_batches={eval_batches!r} must be None or an integer >= 1")
+        self.max_n_steps = max_n_steps
+        self.optimizer_state = optimizer_state
+        self.noise_std = float(noise_std)
+        self.seed = int(seed)
+        self.evaluate = evaluate
+        self.eval_batches = eval_batches
+        self.verbose = verbose
+        self.base_n_steps: list[tuple[int, ...]] | None = None
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Check strategy, model and schedule before any training step."""
+        if stage != "fit":
+            return
+        names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
+        refused = names.intersection(UNSUPPORTED_STRATEGIES)
+        if refused or not names.intersection(SUPPORTED_STRATEGIES):
+            raise MisconfigurationException(
+                f"{type(self).__name__} does not support strategy {type(trainer.strategy).__name__}: refining "
+                "replaces parameters, which sharding strategies (FSDP, DeepSpeed, model parallel, XLA) own; use "
+                "a single device or strategy='ddp' / 'ddp_spawn' / 'ddp_fork'"
+            )
+        nets = refinable_modules(pl_module)
+        if not nets:
+            raise MisconfigurationException(
+                f"{type(self).__name__} found nothing to refine in {type(pl_module).__name__}: expected a submodule "
+                "with refine(), resolution and pop_load_refinements() such as lightning_cnet.models.ContinuousNet"
+            )
+        self.schedule.resolve(trainer.max_epochs)
+        if self.base_n_steps is None:
+            self.base_n_steps = [_n_steps(net) for net in nets]
+        if len(self.base_n_steps) != len(nets):
+            raise MisconfigurationException(
+                f"{type(self).__name__} recorded {len(self.base_n_steps)} refinable models but "
+                f"{type(pl_module).__name__} has {len(nets)}"
+            )
+        epochs = self.schedule.epochs
+        if epochs and trainer.max_epochs is not None and trainer.max_epochs > 0 and epochs[-1] >= trainer.max_epochs:
+            rank_zero_warn(f"refine_at={epochs} reaches past max_epochs={trainer.max_epochs}: later epochs never run")
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """Point optimizers built before a checkpoint was loaded (LightningCLI's) at the refined tensors."""
+        parameter_map: dict[nn.Parameter, tuple[nn.Parameter, torch.Tensor]] = {}
+        for net in refinable_modules(pl_module):
+            parameter_map.update(net.pop_load_refinements())
+        for average in _averaged_copies(trainer):
+            for net in refinable_modules(average):
+                net.pop_load_refinements()
+        if parameter_map:
+            for optimizer in trainer.optimizers:
+                replace_parameters(optimizer, parameter_map, optimizer_state="reset")
+        self._check_optimizers(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        """Refine until the model has the level the schedule asks for at this epoch."""
+        nets = refinable_modules(pl_module)
+        epoch = trainer.current_epoch
+        level = self.current_level(nets)
+        target = self.schedule.target_level(epoch, cap=self._cap_level())
+        refined_now = False
+        while level < target:
+            self._refine_once(trainer, pl_module, nets, epoch, level)
+            level += 1
+            refined_now = True
+        pl_module.log("refinement/level", float(level), on_step=False, on_epoch=True)
+        pl_module.log("refinement/refined", float(refined_now), on_step=False, on_epoch=True)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """The refinement history and the resolution training started from."""
+        return {"history": [dict(entry) for entry in self.history],
+                "base_n_steps": None if self.base_n_steps is None else [list(n) for n in self.base_n_steps]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self.history = [dict(entry) for entry in state_dict.get("history", [])]
+        base = state_dict.get("base_n_steps")
+        self.base_n_steps = None if base is None else [tuple(n) for n in base]
+
+    # ------------------------------------------------------------------ levels
+    def current_level(self, nets: list[nn.Module]) -> int:
+        """Refinements the models have received since :attr:`base_n_steps`, read from their ``n_steps``.
+
+        Raises:
+            RuntimeError: the step counts are not the base counts times one common power of two.
+        """
+        assert self.base_n_steps is not None, "setup() records the base resolution"
+        levels = {
+            _doublings(base_steps, steps)
+            for net, base in zip(nets, self.base_n_steps)
+            for steps, base_steps in zip(_n_steps(net), base)
+        }
+        if len(levels) != 1 or None in levels:
+            raise RuntimeError(
+                f"the model's n_steps {[_n_steps(net) for net in nets]} are not the base n_steps {self.base_n_steps} "
+                "doubled a common number of times; was the manifestation changed during fit?"
+            )
+        return levels.pop()
+
+    def _cap_level(self) -> float:
+        if self.max_n_steps is None:
+            return math.inf
+        assert self.base_n_steps is not None
+        largest = max(max(base) for base in self.base_n_steps)
+        return max(0, math.floor(math.log2(self.max_n_steps / largest))) if self.max_n_steps >= largest else 0
+
+    # ------------------------------------------------------------------ refinement
+    def _generator(self, level: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + level) % 2**63)
+
+    def _refine_once(self, trainer: Any, pl_module: Any, nets: list[nn.Module], epoch: int, level: int) -> None:
+        acc_before = self._accuracy(trainer, pl_module)
+        before = [_n_steps(net) for net in nets]
+        params_before = sum(p.numel() for p in pl_module.parameters())
+        start = time.perf_counter()
+
+        parameter_map: dict[nn.Parameter, tuple[nn.Parameter, torch.Tensor]] = {}
+        generator = self._generator(level)
+        for net in nets:
+            parameter_map.update(net.refine(noise_std=self.noise_std, generator=generator).parameter_map)
+        for average in _averaged_copies(trainer):
+            for net in refinable_modules(average):
+                net.refine()
+        self._rewrap_ddp(trainer)
+        for optimizer in trainer.optimizers:
+            replace_parameters(optimizer, parameter_map, optimizer_state=self.optimizer_state)
+        self._check_optimizers(trainer, pl_module, replaced=parameter_map)
+
+        seconds = time.perf_counter() - start
+        acc_after = self._accuracy(trainer, pl_module)
+        entry = {
+            "epoch": epoch, "level": level + 1,
+            "n_steps_before": [list(n) for n in before], "n_steps_after": [list(_n_steps(n)) for n in nets],
+            "parameters_before": params_before, "parameters_after": sum(p.numel() for p in pl_module.parameters()),
+            "val_acc_before": acc_before, "val_acc_after": acc_after, "seconds": seconds,
+        }
+        self.history.append(entry)
+        self._report(pl_module, entry)
+
+    def _accuracy(self, trainer: Any, pl_module: Any) -> float:
+        if not self.evaluate:
+            return math.nan
+        return validation_accuracy(trainer, pl_module, self.eval_batches)
+
+    @staticmethod
+    def _rewrap_ddp(trainer: Any) -> None:
+        strategy = trainer.strategy
+        if isinstance(strategy.model, DistributedDataParallel):
+            strategy.model = strategy.lightning_module
+            strategy.configure_ddp()
+
+    @staticmethod
+    def _check_optimizers(trainer: Any, pl_module: Any, replaced: dict | None = None) -> None:
+        stale = stale_parameters(trainer.optimizers, pl_module)
+        if stale:
+            raise RuntimeError(
+                f"{len(stale)} tensors held by the optimizer are no longer parameters of {type(pl_module).__name__} "
+                f"(shapes {[tuple(p.shape) for p in stale[:4]]}); the optimizer was built from another model"
+            )
+        if replaced and trainer.optimizers:
+            held = optimized_parameters(trainer.optimizers)
+            missing = [new for new, _ in replaced.values() if new.requires_grad and id(new) not in held]
+            if missing:
+                raise RuntimeError(f"{len(missing)} refined parameters are not held by any optimizer")
+
+    def _report(self, pl_module: Any, entry: dict[str, Any]) -> None:
+        def steps(per_net: list[list[int]]) -> str:
+            return ", ".join("-".join(str(n) for n in net) for net in per_net)
+
+        if self.verbose:
+            rank_zero_info(
+                f"Depth refinement at epoch {entry['epoch']}: n_steps {steps(entry['n_steps_before'])} -> "
+                f"{steps(entry['n_steps_after'])}, parameters {entry['parameters_before']:,} -> "
+                f"{entry['parameters_after']:,}, val_acc {entry['val_acc_before']:.4f} -> "
+                f"{entry['val_acc_after']:.4f} ({1000 * entry['seconds']:.1f} ms)"
+            )
+        for key in ("epoch", "parameters_after", "val_acc_before", "val_acc_after", "seconds"):
+            if not math.isnan(entry[key]):
+                name = "parameters" if key == "parameters_after" else key
+                pl_module.log(f"refinement/{name}", float(entry[key]), on_step=False, on_epoch=True)
+        pl_module.log("refinement/n_steps", float(max(max(n) for n in entry["n_steps_after"])),
+                      on_step=False, on_epoch=True)
+
+
+class DepthRefinementCallback(DepthRefinementMixin, pl.Callback):
+    """Refine ContinuousNet models at scheduled epochs during ``trainer.fit`` (``pytorch_lightning``).
+
+    Every :class:`~lightning_cnet.models.ContinuousNet` inside the LightningModule (found by duck typing:
+    ``refine()``, ``resolution``, ``pop_load_refinements()``) goes from ``K`` to ``2K`` weight pieces and from
+    ``N`` to ``2N`` steps at the start of each scheduled epoch; the optimizer keeps training exactly the
+    model's parameters, the LR schedule continues, DDP is re-wrapped, EMA/SWA copies are refined too.
+
+    Optimizer state: the paper's code rebuilt the optimizer after each refinement, i.e. it **reset** the
+    momenta and kept the current learning rate (``optimizer_state="reset"`` reproduces it). The default is
+    ``"interpolate"``: the state is mapped with the same operator as the weights, so for the exact
+    piecewise-constant refinement the optimizer continues as if nothing but the step size had changed, and
+    adaptive optimizers avoid the sign-like, full learning-rate first steps Adam takes after a reset.
+
+    Checkpoints: the model saves its resolution, and loading a finer checkpoint into a freshly built coarse
+    model refines it before tensors are copied, so ``trainer.fit(ckpt_path=...)``, ``load_from_checkpoint``
+    and ``load_state_dict`` work. This callback saves its history and the resolution training started from.
+
+    Args:
+        refine_at: epochs (0-based, strictly increasing ints), fractions of ``max_epochs`` (floats in
+            ``(0, 1)``), or a callable ``epoch -> bool``; the refinement happens at the start of the epoch.
+        max_refinements: refine at most this many times.
+        max_n_steps: never refine a model past this many steps per stage.
+        optimizer_state: ``"interpolate"`` (default) or ``"reset"`` the state of refined parameters.
+        noise_std: multiply the refined convolution weights by ``1 + noise_std * N(0, 1)`` (the paper:
+            ``0.1``); drawn from a generator seeded by ``seed`` and the refinement level.
+        seed: seed of the noise.
+        evaluate: measure validation accuracy just before and right after each refinement.
+        eval_batches: validation batches per rank for that measurement (``None``: all).
+        verbose: print one rank-zero line per refinement.
+
+    Raises:
+        ValueError: an invalid schedule or argument (at construction).
+        MisconfigurationException: at ``setup``: an unsupported strategy, a model with nothing refinable,
+            fractions without ``max_epochs``.
+
+    Logged metrics (per epoch): ``refinement/level`` and ``refinement/refined`` (1 at refinement epochs);
+    at refinement epochs also ``refinement/epoch``, ``refinement/parameters``, ``refinement/n_steps``,
+    ``refinement/val_acc_before``, ``refinement/val_acc_after``, ``refinement/seconds``.
+
+    Example:
+        >>> import pytorch_lightning as pl
+        >>> from lightning_cnet.module import ContinuousNetClassifier
+        >>> callback = DepthRefinementCallback([2, 4, 6], noise_std=0.1)
+        >>> task = ContinuousNetClassifier("cnet_digits", scheme="rk4", n_steps=1)
+        >>> trainer = pl.Trainer(max_epochs=8, callbacks=[callback])  # doctest: +SKIP
+        >>> trainer.fit(task, datamodule=...)  # doctest: +SKIP
+    """
+
+
+__all__ = ["DepthRefinementCallback", "DepthRefinementMixin", "is_refinable", "refinable_modules"]
