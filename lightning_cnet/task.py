@@ -16,6 +16,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_cnet.integrators import get_scheme
 from lightning_cnet.models import ContinuousNet, get_model
 
 SPLITS = ("train", "val", "test")
@@ -26,8 +27,8 @@ class ClassificationTask:
 
     Args:
         model: a registered model name (:func:`~lightning_cnet.models.list_models`).
-        num_classes: classes to predict.
-        in_chans: input channels.
+        num_classes: classes to predict (default: the model's own, 10 for ``cnet_digits``).
+        in_chans: input channels (default: the model's own, 1 for ``cnet_digits``).
         scheme: Runge-Kutta scheme of the ODE stages.
         n_steps: integration steps per stage.
         n_basis: basis coefficients per stage (default: ``n_steps``).
@@ -51,8 +52,8 @@ class ClassificationTask:
         self,
         model: str = "cnet_digits",
         *,
-        num_classes: int = 10,
-        in_chans: int = 1,
+        num_classes: int | None = None,
+        in_chans: int | None = None,
         scheme: str = "euler",
         n_steps: int = 1,
         n_basis: int | None = None,
@@ -76,15 +77,19 @@ class ClassificationTask:
             raise ValueError(f"optimizer={optimizer!r} is not known: expected 'sgd' or 'adamw'")
         if lr_schedule not in ("cosine", "step", "constant"):
             raise ValueError(f"lr_schedule={lr_schedule!r} is not known: expected 'cosine', 'step' or 'constant'")
-        self.model: ContinuousNet = backbone if backbone is not None else get_model(
-            model, num_classes=num_classes, in_chans=in_chans, scheme=scheme, n_steps=n_steps,
-            n_basis=n_basis, basis=basis, T=T, skip_init=skip_init, checkpoint_steps=checkpoint_steps,
-        )
+        if backbone is None:
+            data_shape = {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans)) if v is not None}
+            backbone = get_model(
+                model, scheme=scheme, n_steps=n_steps, n_basis=n_basis, basis=basis, T=T, skip_init=skip_init,
+                checkpoint_steps=checkpoint_steps, **data_shape,
+            )
+        self.model: ContinuousNet = backbone
         self.num_classes = self.model.num_classes
-        metrics = {"acc": MulticlassAccuracy(self.num_classes, top_k=1)}
+        self.in_chans = self.model.stem.in_channels
+        metrics = {"acc": MulticlassAccuracy(self.num_classes, top_k=1, average="micro")}
         if self.num_classes > 5:
-            metrics["acc_top5"] = MulticlassAccuracy(self.num_classes, top_k=5)
-        collection = MetricCollection(metrics)
+            metrics["acc_top5"] = MulticlassAccuracy(self.num_classes, top_k=5, average="micro")
+        collection = MetricCollection(metrics, compute_groups=False)  # top-1 and top-5 must not share state
         self.metrics = nn.ModuleDict({f"{split}_metrics": collection.clone(prefix=f"{split}_") for split in SPLITS})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,22 +97,33 @@ class ClassificationTask:
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, stage: str) -> None:
+        """Check that the model fits the data module: same ``num_classes`` and ``in_chans``."""
         datamodule = getattr(self.trainer, "datamodule", None)
-        data_classes = getattr(datamodule, "num_classes", None)
-        if data_classes is not None and data_classes != self.num_classes:
-            raise ValueError(
-                f"the model predicts num_classes={self.num_classes} but {type(datamodule).__name__} has "
-                f"{data_classes} classes; set model num_classes={data_classes}"
-            )
+        for name, ours in (("num_classes", self.num_classes), ("in_chans", self.in_chans)):
+            theirs = getattr(datamodule, name, None)
+            if theirs is not None and theirs != ours:
+                raise ValueError(
+                    f"the model has {name}={ours} but {type(datamodule).__name__} has {name}={theirs}; "
+                    f"build the model with {name}={theirs}"
+                )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another model before any tensor is loaded (see :func:`check_checkpoint`)."""
+        check_checkpoint(self, checkpoint)
 
     def on_train_epoch_start(self) -> None:
         self.log_resolution()
 
     def log_resolution(self) -> None:
-        """Log the resolution per stage, parameter count and residual evaluations per forward."""
+        """Log the resolution per stage, the scheme's order, the parameter count and residual evaluations per
+        forward; the largest step count and the evaluations are shown in the progress bar."""
         for index, resolution in enumerate(self.model.resolution):
             self.log(f"resolution/n_steps_stage{index}", float(resolution.n_steps), on_epoch=True, on_step=False)
             self.log(f"resolution/n_basis_stage{index}", float(resolution.n_basis), on_epoch=True, on_step=False)
+        self.log("n_steps", float(max(r.n_steps for r in self.model.resolution)), on_epoch=True, on_step=False,
+                 prog_bar=True)
+        self.log("resolution/scheme_order", float(min(get_scheme(r.scheme).order for r in self.model.resolution)),
+                 on_epoch=True, on_step=False)
         self.log("resolution/parameters", float(sum(p.numel() for p in self.model.parameters())),
                  on_epoch=True, on_step=False)
         self.log("nfe", float(self.model.function_evaluations), on_epoch=True, on_step=False, prog_bar=True)
@@ -121,7 +137,8 @@ class ClassificationTask:
         metrics.update(logits.detach().float(), targets)
         on_step = split == "train"
         self.log(f"{split}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=split != "test")
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=split != "train")
+        for name, metric in metrics.items():
+            self.log(name, metric, on_step=False, on_epoch=True, prog_bar=name == f"{split}_acc" and split != "test")
         return loss
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -156,3 +173,41 @@ class ClassificationTask:
             scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(hp.milestones or []),
                                                              gamma=hp.gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+def check_checkpoint(task: ClassificationTask, checkpoint: dict[str, Any]) -> None:
+    """Raise ``ValueError`` when ``checkpoint`` holds another model than ``task``, naming the first difference.
+
+    The checkpoint must hold the same tensors with the same shapes; only the number of basis coefficients
+    (dim 0 of the ODE stages' tensors) may differ, because loading refines the stages to match.
+
+    Args:
+        task: the classifier about to load the checkpoint.
+        checkpoint: a Lightning checkpoint (``state_dict`` and ``hyper_parameters``).
+    """
+    theirs = {k: v for k, v in checkpoint.get("state_dict", {}).items() if isinstance(v, torch.Tensor)}
+    ours = {k: v for k, v in task.state_dict().items() if isinstance(v, torch.Tensor)}
+    problem = None
+    if missing := sorted(ours.keys() - theirs.keys()):
+        problem = f"it lacks {missing[0]}" + (f" and {len(missing) - 1} more tensors" if len(missing) > 1 else "")
+    elif unexpected := sorted(theirs.keys() - ours.keys()):
+        problem = f"it has {unexpected[0]}, which this model lacks"
+    else:
+        for key, tensor in ours.items():
+            in_stage = ".stages." in f".{key}"
+            shape, their_shape = tuple(tensor.shape), tuple(theirs[key].shape)
+            if (shape[1:], len(shape)) != (their_shape[1:], len(their_shape)) or (not in_stage and shape != their_shape):
+                problem = f"{key} has shape {list(their_shape)} in it but {list(shape)} here"
+                break
+    if problem is None:
+        return
+    hparams = checkpoint.get("hyper_parameters", {})
+
+    def describe(values: Any, num_classes: Any, in_chans: Any) -> str:
+        return f"{values.get('model', '?')!r} (num_classes={num_classes}, in_chans={in_chans})"
+
+    raise ValueError(
+        f"the checkpoint holds another model: {problem}; it was trained as "
+        f"{describe(hparams, hparams.get('num_classes'), hparams.get('in_chans'))}, this model is "
+        f"{describe(task.hparams, task.num_classes, task.in_chans)}; load it with the config it was trained with"
+    )

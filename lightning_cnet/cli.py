@@ -1,0 +1,314 @@
+"""The ``lightning-cnet`` command line: a LightningCLI for ContinuousNet classifiers.
+
+``lightning-cnet {fit,validate,test,predict} [--config FILE.yaml] [--key value ...]``; with no config it trains
+:class:`~lightning_cnet.module.ContinuousNetClassifier` on :class:`~lightning_cnet.data.DigitsDataModule`.
+The model and the data are chosen by ``class_path`` (any subclass of the classifier, any ``LightningDataModule``),
+callbacks come from the YAML, the model's ``num_classes`` and ``in_chans`` are taken from the data, checkpoints of
+the last and the best epoch (by ``val_acc``) are kept, and the resolved config is saved as ``config.yaml`` in the
+run's log directory.
+
+Mistakes in the input (an unknown key or model, a ``num_classes`` that does not match the data, a checkpoint of
+another model, a missing dataset) end with one line ``lightning-cnet: error: ...`` on stderr, exit status 2, and
+no files left from the failed run.
+
+Example:
+    >>> main(["fit", "--config", "configs/digits.yaml", "--trainer.max_epochs", "1"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import inspect
+import re
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from importlib import import_module
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any, NoReturn
+
+import pytorch_lightning as pl
+import yaml
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, ProgressBar, RichProgressBar
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+from lightning_cnet.data import DatasetNotFoundError
+from lightning_cnet.module import ContinuousNetClassifier
+
+PROG = "lightning-cnet"
+DEFAULT_MODEL = "lightning_cnet.module.ContinuousNetClassifier"
+DEFAULT_DATA = "lightning_cnet.data.DigitsDataModule"
+#: Model arguments that are taken from the data module (``data.X`` is linked to ``model.init_args.X``).
+LINKED_FROM_DATA = ("num_classes", "in_chans")
+#: Messages of ``RuntimeError``s that mean a checkpoint does not fit the model.
+_CHECKPOINT_MISMATCH = ("size mismatch", "Missing key", "Unexpected key")
+
+
+class UsageError(Exception):
+    """A mistake in the command line, the config or the files it names; reported as one line."""
+
+
+class _Parser(LightningArgumentParser):
+    """A LightningArgumentParser whose errors raise :class:`UsageError` with a one-line message."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # `--trainer.max_epoch` must not pass for `max_epochs`
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        parser = getattr(ex, "subcommand_parser", None) or self
+        raise UsageError(condense_parser_error(message, parser)) from ex
+
+
+class ContinuousNetCLI(LightningCLI):
+    """LightningCLI with the project's defaults: digits data, checkpoints, links from the data to the model.
+
+    Args:
+        args: command line arguments (default: ``sys.argv[1:]``).
+        **kwargs: any other :class:`~pytorch_lightning.cli.LightningCLI` argument.
+    """
+
+    def __init__(self, args: Sequence[str] | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("trainer_defaults", default_trainer_settings())
+        kwargs.setdefault("parser_kwargs", {"prog": PROG})
+        self._explicit_links = explicit_linked_arguments(sys.argv[1:] if args is None else args)
+        super().__init__(
+            ContinuousNetClassifier,
+            pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            parser_class=_Parser,
+            args=args,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}, "data": {"class_path": DEFAULT_DATA}})
+        for name in LINKED_FROM_DATA:
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val_acc",
+            "checkpoint.mode": "max",
+            "checkpoint.save_last": True,
+            "checkpoint.filename": "best-{epoch}-{val_acc:.4f}",
+        })
+
+    def after_instantiate_classes(self) -> None:
+        """Reject a ``num_classes``/``in_chans`` given for the model that differs from the data's."""
+        for name, value in self._explicit_links.items():
+            data_value = getattr(self.datamodule, name, None)
+            if data_value is not None and value != data_value:
+                raise UsageError(
+                    f"model {name}={value} does not match {type(self.datamodule).__name__}, which has "
+                    f"{name}={data_value}; remove model.init_args.{name} (it is taken from the data)"
+                )
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> pl.Trainer:
+        """Add the rich progress bar when ``rich`` is installed and no other progress bar is configured."""
+        configured = list(config.get("callbacks") or []) + list(callbacks)
+        if (
+            find_spec("rich") is not None
+            and config.get("enable_progress_bar") is not False
+            and not any(isinstance(cb, ProgressBar) for cb in configured)
+        ):
+            callbacks = [*callbacks, RichProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        new_directories = _directories_to_be_created(self.trainer)
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException as err:
+            if is_user_error(err):
+                _remove_unfinished(new_directories)
+            raise
+
+
+def default_trainer_settings() -> dict[str, Any]:
+    """Trainer defaults of the CLI: a TensorBoard logger when ``tensorboard`` is installed, else a CSV logger,
+    writing to ``lightning_logs/<name>/version_<n>`` (configs set ``trainer.logger.init_args.name``)."""
+    logger = "TensorBoardLogger" if find_spec("tensorboard") is not None else "CSVLogger"
+    return {
+        "logger": {
+            "class_path": f"pytorch_lightning.loggers.{logger}",
+            "init_args": {"save_dir": "lightning_logs", "name": "default"},
+        }
+    }
+
+
+# ---------------------------------------------------------------------- errors
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` comes from bad input (reported in one line) rather than from a defect."""
+    if isinstance(err, (UsageError, ValueError, DatasetNotFoundError, MisconfigurationException, FileNotFoundError)):
+        return True
+    return isinstance(err, RuntimeError) and any(text in str(err) for text in _CHECKPOINT_MISMATCH)
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line."""
+    if isinstance(err, RuntimeError) and any(text in str(err) for text in _CHECKPOINT_MISMATCH):
+        key = re.search(r'(?:size mismatch for|Missing key\(s\) in state_dict:|Unexpected key\(s\) in state_dict:)'
+                        r'\s*"?([\w.]+)', str(err))
+        where = f" (first difference: {key.group(1)})" if key else ""
+        return f"the checkpoint does not fit the model{where}; use the config it was trained with"
+    text = " ".join(part.strip() for part in str(err).splitlines() if part.strip())
+    return text or type(err).__name__
+
+
+def condense_parser_error(message: str, parser: Any = None) -> str:
+    """Turn a (multi-line) jsonargparse error into one line that names the key and what is accepted.
+
+    Example:
+        >>> condense_parser_error('Parser key "model":\\n  Errors:\\n    - Option \\'n_stepz\\' is not accepted')
+        "model: unknown option 'n_stepz'; did you mean 'n_steps'? Accepted: model, num_classes, ..."
+    """
+    lines = [line for line in message.splitlines() if line.strip()]
+    header = re.match(r'Parser key "([\w.]+)":\s*(.*)', lines[0]) if lines else None
+    key = header.group(1) if header else ""
+    details = _meaningful_bullets(lines[1:]) or ([header.group(2)] if header and header.group(2) else [])
+    if not header:
+        text = " ".join(line.strip() for line in lines)
+        return _suggest_option(text, parser)
+    detail = details[0] if details else "invalid value"
+    unknown = re.match(r"Option '([\w.]+)' is not accepted", detail)
+    if unknown:
+        accepted = _accepted_options(key, message)
+        hint = difflib.get_close_matches(unknown.group(1), accepted, n=1)
+        text = f"{key}: unknown option {unknown.group(1)!r}"
+        text += f"; did you mean {hint[0]!r}?" if hint else ""
+        return text + (f" Accepted: {', '.join(accepted)}" if accepted else "")
+    if "Expected a dot import path" in detail or "either not accessible or invalid" in detail:
+        return f"{key}: {detail}; give the full import path of a class, e.g. --{key}.help to list the options"
+    return f"{key}: {detail}"
+
+
+def _meaningful_bullets(lines: list[str]) -> list[str]:
+    """The ``- ...`` error bullets that say something specific, each joined with its indented continuation."""
+    generic = ("Expected a <class 'NoneType'>", "Does not validate against any of the Union subtypes",
+               "Not a valid subclass of", "a class path", "a dict ", "Expected a path but")
+    bullets: list[str] = []
+    for index, line in enumerate(lines):
+        text = line.strip()
+        if not text.startswith("- ") or any(text[2:].startswith(g) for g in generic):
+            continue
+        text = text[2:]
+        if text.endswith(":") and index + 1 < len(lines) and not lines[index + 1].strip().startswith("- "):
+            text = f"{text.rstrip(':')}: {lines[index + 1].strip()}"
+        bullets.append(re.sub(r'^Parser key "([\w.]+)"', r"\1", text))
+    return bullets
+
+
+def _accepted_options(key: str, message: str) -> list[str]:
+    """Init argument names of the class that ``key`` configures (from its ``class_path`` in the message)."""
+    given = re.search(r"'class_path': '([\w.]+)'", message)
+    class_path = given.group(1) if given else {"model": DEFAULT_MODEL, "data": DEFAULT_DATA}.get(key)
+    if class_path is None:
+        return []
+    try:
+        module, name = class_path.rsplit(".", 1)
+        cls = getattr(import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return []
+    names = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs", "backbone")]
+    return [p for p in names if not (key == "model" and p in LINKED_FROM_DATA)]
+
+
+def _suggest_option(text: str, parser: Any) -> str:
+    """Add a 'did you mean' to messages about an unknown option, using the parser's known keys."""
+    unknown = re.search(r"does not accept option '([\w.]+)'|unrecognized arguments: --([\w.]+)", text)
+    if not unknown or parser is None:
+        return text
+    option = unknown.group(1) or unknown.group(2)
+    try:
+        known = [str(k) for k in parser.get_defaults().keys()]
+    except Exception:  # noqa: BLE001 - a suggestion is optional
+        return text
+    hint = difflib.get_close_matches(option, known, n=1)
+    return f"{text}; did you mean {hint[0]!r}?" if hint else text
+
+
+# ---------------------------------------------------------------------- arguments taken from the data
+def explicit_linked_arguments(args: Sequence[str]) -> dict[str, Any]:
+    """Values of ``model ... num_classes``/``in_chans`` given on the command line or in ``--config`` files.
+
+    They are taken from the data, so jsonargparse drops them silently; the CLI checks them against the data.
+    """
+    found: dict[str, Any] = {}
+    for key, value in _key_values(list(args)):
+        if key == "config" or key.endswith(".config"):
+            found.update(_linked_in_yaml(value))
+        elif re.fullmatch(r"(?:\w+\.)?model\.(?:init_args\.)?(" + "|".join(LINKED_FROM_DATA) + ")", key):
+            found[key.rsplit(".", 1)[1]] = _literal(value)
+    return found
+
+
+def _key_values(args: list[str]) -> Iterator[tuple[str, str]]:
+    for index, arg in enumerate(args):
+        if not arg.startswith("-"):
+            continue
+        key, eq, value = arg.lstrip("-").partition("=")
+        if not eq:
+            if index + 1 >= len(args):
+                continue
+            value = args[index + 1]
+        yield ("config" if key == "c" else key), value
+
+
+def _linked_in_yaml(path: str) -> dict[str, Any]:
+    try:
+        content = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return {}  # jsonargparse reports unreadable files
+    model = content.get("model") if isinstance(content, dict) else None
+    if not isinstance(model, dict):
+        return {}
+    init_args = model.get("init_args", model)
+    return {name: init_args[name] for name in LINKED_FROM_DATA if isinstance(init_args, dict) and name in init_args}
+
+
+def _literal(value: str) -> Any:
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+
+
+# ---------------------------------------------------------------------- cleaning up after a failed run
+def _directories_to_be_created(trainer: pl.Trainer) -> list[Path]:
+    """Directories this run would write to that do not exist yet, deepest first."""
+    candidates = [trainer.log_dir] if trainer.log_dir else []
+    candidates += [cb.dirpath for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    created: list[Path] = []
+    for candidate in candidates:
+        path = Path(candidate).absolute()
+        while not path.exists() and path not in created:
+            created.append(path)
+            path = path.parent
+    return created
+
+
+def _remove_unfinished(directories: list[Path]) -> None:
+    """Remove the directories a failed run created, unless it already saved a checkpoint there."""
+    for directory in directories:
+        if directory.is_dir() and not any(directory.rglob("*.ckpt")):
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- entry point
+def main(args: Sequence[str] | None = None) -> None:
+    """Run ``lightning-cnet``; bad input ends with one line on stderr and exit status 2.
+
+    Args:
+        args: the arguments after the program name (default: ``sys.argv[1:]``).
+    """
+    try:
+        ContinuousNetCLI(args)
+    except Exception as err:  # noqa: BLE001 - only user errors are reported; the rest is re-raised
+        if not is_user_error(err):
+            raise
+        sys.stderr.write(f"{PROG}: error: {one_line(err)}\n")
+        raise SystemExit(2) from None

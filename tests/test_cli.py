@@ -1,0 +1,142 @@
+"""The ``lightning-cnet`` command line end to end: fit, test on the checkpoint, and bad input."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import yaml
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_cnet.cli import main
+from lightning_cnet.module import ContinuousNetClassifier
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = {
+    "seed_everything": 0,
+    "trainer": {"max_epochs": 2, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
+                "logger": {"init_args": {"name": "tiny"}}},
+    "model": {"init_args": {"model": "cnet_digits", "scheme": "euler", "n_steps": 1, "lr": 0.05}},
+    "data": {"class_path": "lightning_cnet.data.DigitsDataModule", "init_args": {"image_size": 8}},
+}
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m lightning_cnet ARGS`` in ``cwd`` (the console script runs the same ``main``)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "lightning_cnet", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_accuracy(output: str) -> float:
+    """The ``test_acc`` figure of Lightning's results table (plain or rich)."""
+    match = re.search(r"test_acc\b[\s│|]+([0-9.]+)", output)
+    assert match, output[-2000:]
+    return float(match.group(1))
+
+
+test_accuracy.__test__ = False  # a helper, not a test
+
+
+def files_under(path: Path) -> set[Path]:
+    return {p.relative_to(path) for p in path.rglob("*")}
+
+
+def test_fit_then_test_on_the_checkpoint(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY_CONFIG))
+    fit = run_cli("fit", "--config", str(config), cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    run_dir = tmp_path / "lightning_logs" / "tiny" / "version_0"
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file() and list((run_dir / "checkpoints").glob("best-epoch=*.ckpt"))
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["scheme"] == "euler" and saved["trainer"]["max_epochs"] == 2
+    hparams = torch.load(checkpoint, weights_only=False)["hyper_parameters"]
+    assert hparams["num_classes"] == 10 and hparams["in_chans"] == 1  # taken from the data
+
+    test = run_cli("test", "--config", str(config), "--ckpt_path", str(checkpoint), cwd=tmp_path)
+    assert test.returncode == 0, test.stderr[-3000:]
+    accuracy = test_accuracy(test.stdout)
+    assert 0.5 < accuracy <= 1.0  # 10 classes: chance is 0.1; two epochs of a small ResNet reach ~0.9
+
+
+def test_help_lists_the_subcommands(tmp_path):
+    result = run_cli("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    assert all(name in result.stdout for name in ("fit", "validate", "test", "predict"))
+    assert files_under(tmp_path) == set()
+
+
+def test_bad_input_from_the_console_script_is_one_line_and_exit_2(tmp_path):
+    result = run_cli("fit", "--model.init_args.model", "cnet_foo", cwd=tmp_path)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [errors[0]] and errors[0].startswith("lightning-cnet: error: ")
+    assert "'cnet_foo'" in errors[0] and "cnet_digits" in errors[0]
+    assert files_under(tmp_path) == set()
+
+
+def _another_models_checkpoint(path: Path) -> Path:
+    """A Lightning checkpoint of a 3-channel CIFAR-sized ContinuousNet (trained for one step)."""
+    pl.seed_everything(0)
+    data = TensorDataset(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,)))
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=path)
+    trainer.fit(ContinuousNetClassifier("cnet_cifar"), DataLoader(data, batch_size=8))
+    checkpoint = path / "cifar.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    return checkpoint
+
+
+BAD_INPUTS = {
+    "unknown_model": (["fit", "--model.init_args.model", "cnet_foo"], ["cnet_foo", "cnet_digits"]),
+    "unknown_yaml_key": (["fit", "--config", "{bad_yaml}"], ["n_stepz", "n_steps"]),
+    "unknown_trainer_key": (["fit", "--trainer.max_epoch", "1"], ["trainer.max_epoch", "trainer.max_epochs"]),
+    "unknown_class": (["fit", "--model", "lightning_cnet.module.NoSuchClassifier"], ["model", "NoSuchClassifier"]),
+    "num_classes": (["fit", "--model.init_args.num_classes", "5"], ["num_classes=5", "num_classes=10"]),
+    "another_model": (["test", "--ckpt_path", "{other_ckpt}"], ["model.stem.weight", "cnet_cifar"]),
+    "missing_dataset": (["fit", "--data", "lightning_cnet.data.CIFAR10DataModule", "--data.init_args.data_dir",
+                         "{missing}"], ["{missing}"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gives_one_line_naming_the_problem(case, tmp_path, monkeypatch, capsys):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "bad.yaml").write_text("model:\n  init_args:\n    n_stepz: 3\n")
+    paths = {"bad_yaml": str(inputs / "bad.yaml"), "missing": str(inputs / "no_cifar"), "other_ckpt": ""}
+    if case == "another_model":
+        paths["other_ckpt"] = str(_another_models_checkpoint(inputs))
+    args, expected = BAD_INPUTS[case]
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([arg.format(**paths) for arg in args])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lightning-cnet: error: ")]
+    assert len(errors) == 1
+    for text in expected:
+        assert text.format(**paths) in errors[0], errors[0]
+    assert files_under(work) == set(), "a failed run left files behind"
+
+
+@pytest.mark.slow
+def test_digits_config_reaches_its_accuracy(tmp_path):
+    fit = run_cli("fit", "--config", str(REPO / "configs" / "digits.yaml"), "--trainer.enable_progress_bar", "false",
+                  cwd=tmp_path, timeout=1800)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    checkpoint = tmp_path / "lightning_logs" / "digits" / "version_0" / "checkpoints" / "last.ckpt"
+    test = run_cli("test", "--config", str(REPO / "configs" / "digits.yaml"), "--ckpt_path", str(checkpoint),
+                   cwd=tmp_path)
+    assert test.returncode == 0, test.stderr[-3000:]
+    assert test_accuracy(test.stdout) >= 0.975
