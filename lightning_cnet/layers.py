@@ -13,6 +13,9 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,7 +26,11 @@ ParameterMap = dict[nn.Parameter, tuple[nn.Parameter, torch.Tensor]]
 """``old parameter -> (new parameter, coefficient map [K_new, K_old])`` after a change of resolution."""
 
 
-def at_time(coeffs: torch.Tensor, weights: NodeWeights) -> torch.Tensor:
+Coefficients = torch.Tensor | Sequence[torch.Tensor]
+"""A tensor with ``K`` coefficients on dim 0, or the sequence of its ``K`` slices."""
+
+
+def at_time(coeffs: Coefficients, weights: NodeWeights) -> torch.Tensor:
     """``sum_k w_k coeffs[k]`` for the given node weights; plain indexing for a single piece."""
     (index, weight), *rest = weights
     value = coeffs[index] if weight == 1.0 else coeffs[index] * weight
@@ -37,6 +44,35 @@ class TimeDependent(nn.Module):
 
     time_parameters: tuple[str, ...] = ()
     time_buffers: tuple[str, ...] = ()
+    _slices: dict[str, tuple[torch.Tensor, ...]] | None = None
+
+    def coefficients(self, name: str) -> Coefficients:
+        """The time-dependent parameter ``name``, or its slices while :meth:`sliced` is active."""
+        slices = self._slices
+        return getattr(self, name) if slices is None else slices[name]
+
+    @contextmanager
+    def sliced(self) -> Iterator[None]:
+        """Split every time-dependent parameter into its ``K`` slices once (``unbind(0)``) for the duration.
+
+        A forward pass that reads a parameter's coefficients many times (once per Runge-Kutta stage) then
+        builds one backward node per parameter, which stacks the slices' gradients, instead of one per
+        read, each of which scatters into a zero-filled ``[K, ...]`` tensor. Values are the same either
+        way; gradients too, up to the order in which one coefficient's contributions are summed.
+
+        Example:
+            >>> conv = TimeConv2d(4, 4, n_basis=2)
+            >>> with conv.sliced():
+            ...     len(conv.coefficients("weight"))
+            2
+        """
+        self._slices = {
+            name: tensor.unbind(0) for name in self.time_parameters if (tensor := getattr(self, name)) is not None
+        }
+        try:
+            yield
+        finally:
+            self._slices = None
 
     @property
     def n_basis(self) -> int:
@@ -93,8 +129,8 @@ class TimeConv2d(TimeDependent):
 
     def forward(self, x: torch.Tensor, weights: NodeWeights, gain: torch.Tensor | None = None) -> torch.Tensor:
         """Convolve with ``theta(t)``; ``gain`` (a scalar) scales the output by scaling the kernel."""
-        weight = at_time(self.weight, weights)
-        bias = None if self.bias is None else at_time(self.bias, weights)
+        weight = at_time(self.coefficients("weight"), weights)
+        bias = None if self.bias is None else at_time(self.coefficients("bias"), weights)
         if gain is not None:
             weight = weight * gain
             bias = None if bias is None else bias * gain
@@ -144,8 +180,8 @@ class TimeBatchNorm2d(TimeDependent):
             track_stats: in training, update the running statistics (off while a checkpointed step is
                 recomputed, so statistics are updated once per forward).
         """
-        weight = at_time(self.weight, weights)
-        bias = at_time(self.bias, weights)
+        weight = at_time(self.coefficients("weight"), weights)
+        bias = at_time(self.coefficients("bias"), weights)
         if not self.training:
             mean = at_time(self.running_mean, weights)
             var = at_time(self.running_var, weights)
@@ -191,4 +227,4 @@ class TimeGate(TimeDependent):
 
     def forward(self, weights: NodeWeights) -> torch.Tensor:
         """The gate value at the given time."""
-        return at_time(self.gate, weights)
+        return at_time(self.coefficients("gate"), weights)

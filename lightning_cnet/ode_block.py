@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -310,7 +310,10 @@ class ODEBlock(nn.Module):
                     context_fn=lambda: (nullcontext(), _Recomputing(self)),
                 )
             return x
-        return rk_integrate(self._rate, x, self.tableau, self.T / self.n_steps, self._plan)
+        with ExitStack() as stack:
+            for layer in self.time_layers():
+                stack.enter_context(layer.sliced())
+            return rk_integrate(self._rate, x, self.tableau, self.T / self.n_steps, self._plan)
 
     def extra_repr(self) -> str:
         r = self.resolution
