@@ -74,6 +74,9 @@ class ContinuousNetCLI(LightningCLI):
     def __init__(self, args: Sequence[str] | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("trainer_defaults", default_trainer_settings())
         kwargs.setdefault("parser_kwargs", {"prog": PROG})
+        # Runs with a logger save config.yaml in their own version directory; without one it goes to the
+        # working directory, where the previous run's copy is replaced rather than aborting the new run.
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         self._explicit_links = explicit_linked_arguments(sys.argv[1:] if args is None else args)
         super().__init__(
             ContinuousNetClassifier,

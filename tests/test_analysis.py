@@ -97,3 +97,40 @@ def test_training_curve_marks_refinements(tmp_path) -> None:
     assert picture.read_bytes().startswith(PNG_MAGIC)
     with pytest.raises(ValueError, match="no values of 'test_acc'"):
         plot_training_curve(metrics, tmp_path / "other.png", metric="test_acc")
+
+
+def test_analyze_command_reads_the_run_config_and_writes_tables(tmp_path, capsys) -> None:
+    import pytorch_lightning as pl
+
+    from lightning_cnet.analyze import main
+    from lightning_cnet.data import DigitsDataModule
+    from lightning_cnet.module import ContinuousNetClassifier
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(
+        "data:\n  class_path: lightning_cnet.data.DigitsDataModule\n  init_args: {image_size: 8, batch_size: 100}\n"
+    )
+    task = ContinuousNetClassifier("cnet_digits", scheme="rk4", n_steps=2)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(task, datamodule=DigitsDataModule(image_size=8))
+    trainer.save_checkpoint(run / "checkpoints" / "last.ckpt")
+
+    main(["manifestation", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--schemes", "euler",
+          "--n_steps", "1", "2", "--out", str(tmp_path / "out")])
+    with (tmp_path / "out" / "manifestation.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["scheme"], int(r["n_steps"])) for r in rows] == [("euler", 1), ("euler", 2)]
+    data = DigitsDataModule(image_size=8)
+    data.setup("test")
+    with task.model.manifestation(scheme="euler", n_steps=2):
+        expected = evaluate(task.model, data.test_dataloader())["accuracy"]
+    assert float(rows[1]["accuracy"]) == pytest.approx(expected)
+    assert (tmp_path / "out" / "manifestation.png").read_bytes().startswith(PNG_MAGIC)
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compression", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--n_basis", "4",
+              "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "n_basis=4" in capsys.readouterr().err
