@@ -27,5 +27,6 @@ def test_readme_has_the_examples():
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_example_runs(index, tmp_path, monkeypatch):
+    assert "assert " in BLOCKS[index], "each README example checks its own result with an assert"
     monkeypatch.chdir(tmp_path)
     exec(compile(BLOCKS[index], f"README.md example {index + 1}", "exec"), {"__name__": "__readme__"})
