@@ -184,8 +184,8 @@ class DepthRefinementMixin:
             self._refine_once(trainer, pl_module, nets, epoch, level)
             level += 1
             refined_now = True
-        pl_module.log("refinement/level", float(level), on_step=False, on_epoch=True)
-        pl_module.log("refinement/refined", float(refined_now), on_step=False, on_epoch=True)
+        pl_module.log("refinement/level", float(level), on_step=False, on_epoch=True, sync_dist=True)
+        pl_module.log("refinement/refined", float(refined_now), on_step=False, on_epoch=True, sync_dist=True)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -299,9 +299,9 @@ class DepthRefinementMixin:
         for key in ("epoch", "parameters_after", "val_acc_before", "val_acc_after", "seconds"):
             if not math.isnan(entry[key]):
                 name = "parameters" if key == "parameters_after" else key
-                pl_module.log(f"refinement/{name}", float(entry[key]), on_step=False, on_epoch=True)
+                pl_module.log(f"refinement/{name}", float(entry[key]), on_step=False, on_epoch=True, sync_dist=True)
         pl_module.log("refinement/n_steps", float(max(max(n) for n in entry["n_steps_after"])),
-                      on_step=False, on_epoch=True)
+                      on_step=False, on_epoch=True, sync_dist=True)
 
 
 class DepthRefinementCallback(DepthRefinementMixin, pl.Callback):

@@ -117,16 +117,17 @@ class ClassificationTask:
     def log_resolution(self) -> None:
         """Log the resolution per stage, the scheme's order, the parameter count and residual evaluations per
         forward; the largest step count and the evaluations are shown in the progress bar."""
-        for index, resolution in enumerate(self.model.resolution):
-            self.log(f"resolution/n_steps_stage{index}", float(resolution.n_steps), on_epoch=True, on_step=False)
-            self.log(f"resolution/n_basis_stage{index}", float(resolution.n_basis), on_epoch=True, on_step=False)
-        self.log("n_steps", float(max(r.n_steps for r in self.model.resolution)), on_epoch=True, on_step=False,
-                 prog_bar=True)
-        self.log("resolution/scheme_order", float(min(get_scheme(r.scheme).order for r in self.model.resolution)),
-                 on_epoch=True, on_step=False)
-        self.log("resolution/parameters", float(sum(p.numel() for p in self.model.parameters())),
-                 on_epoch=True, on_step=False)
-        self.log("nfe", float(self.model.function_evaluations), on_epoch=True, on_step=False, prog_bar=True)
+        resolutions = self.model.resolution
+        values = {f"resolution/n_steps_stage{i}": r.n_steps for i, r in enumerate(resolutions)}
+        values.update({f"resolution/n_basis_stage{i}": r.n_basis for i, r in enumerate(resolutions)})
+        values["resolution/scheme_order"] = min(get_scheme(r.scheme).order for r in resolutions)
+        values["resolution/parameters"] = sum(p.numel() for p in self.model.parameters())
+        for name, value in values.items():
+            self.log(name, float(value), on_epoch=True, on_step=False, sync_dist=True)
+        self.log("n_steps", float(max(r.n_steps for r in resolutions)), on_epoch=True, on_step=False,
+                 prog_bar=True, sync_dist=True)
+        self.log("nfe", float(self.model.function_evaluations), on_epoch=True, on_step=False, prog_bar=True,
+                 sync_dist=True)
 
     # ------------------------------------------------------------------ steps
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
@@ -136,7 +137,7 @@ class ClassificationTask:
         metrics = self.metrics[f"{split}_metrics"]
         metrics.update(logits.detach().float(), targets)
         on_step = split == "train"
-        self.log(f"{split}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=split != "test")
+        self.log(f"{split}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=split != "test", sync_dist=True)
         for name, metric in metrics.items():
             self.log(name, metric, on_step=False, on_epoch=True, prog_bar=name == f"{split}_acc" and split != "test")
         return loss
