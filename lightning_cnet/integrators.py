@@ -19,12 +19,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 
 Number = int | float | Fraction
-Rate = Callable[[Any, torch.Tensor], torch.Tensor]
 StageArgument = TypeVar("StageArgument")
 
 _TOLERANCE = 1e-12

@@ -47,23 +47,18 @@ class StateSnapshot(pl.Callback):
         }
 
 
-class EpochStartProbe(pl.Callback):
+class EpochStartProbe(StateSnapshot):
     """Placed after the refinement callback: keeps the parameters, optimizer state and LR of each epoch start."""
 
     def __init__(self) -> None:
-        self.params: dict[int, dict[str, torch.Tensor]] = {}
-        self.state: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+        super().__init__()
         self.lr: dict[int, float] = {}
         self.scheduler_epoch: dict[int, int] = {}
 
     def on_train_epoch_start(self, trainer, pl_module):
+        super().on_train_epoch_start(trainer, pl_module)
         optimizer = trainer.optimizers[0]
         epoch = trainer.current_epoch
-        self.params[epoch] = {name: p.detach().clone() for name, p in pl_module.named_parameters()}
-        self.state[epoch] = {
-            name: {k: v.clone() for k, v in optimizer.state.get(p, {}).items()}
-            for name, p in pl_module.named_parameters()
-        }
         self.lr[epoch] = optimizer.param_groups[0]["lr"]
         if trainer.lr_scheduler_configs:
             self.scheduler_epoch[epoch] = trainer.lr_scheduler_configs[0].scheduler.last_epoch
