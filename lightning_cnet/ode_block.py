@@ -259,11 +259,7 @@ class ODEBlock(nn.Module):
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         """Restore the manifestation and ``T`` saved by :meth:`get_extra_state`."""
-        if state.get("basis", self.basis.name) != self.basis.name:
-            raise ValueError(
-                f"the checkpoint's stage uses basis={state['basis']!r} but this model uses {self.basis.name!r}; "
-                f"build the model with basis={state['basis']!r}"
-            )
+        self._check_same_basis(state)
         self.set_manifestation(scheme=state.get("scheme"), n_steps=state.get("n_steps"))
         self.T = float(state.get("T", self.T))
 
@@ -287,8 +283,16 @@ class ODEBlock(nn.Module):
 
     def pending_refinements(self, state_dict: dict[str, Any], prefix: str) -> int:
         """Refinements needed before ``state_dict`` (at ``prefix``) fits; 0 if it holds no such stage."""
+        self._check_same_basis(state_dict.get(prefix + "_extra_state") or {})
         weight = state_dict.get(prefix + "conv1.weight")
         return 0 if weight is None else self.refinements_to_match(weight.shape[0])
+
+    def _check_same_basis(self, state: dict[str, Any]) -> None:
+        if state.get("basis", self.basis.name) != self.basis.name:
+            raise ValueError(
+                f"the checkpoint's stage uses basis={state['basis']!r} but this model uses {self.basis.name!r}; "
+                f"build the model with basis={state['basis']!r}"
+            )
 
     # ------------------------------------------------------------------ forward
     def _rate(self, weights: NodeWeights, x: torch.Tensor) -> torch.Tensor:
