@@ -27,12 +27,9 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import pytorch_lightning as pl
 import torch
-from lightning_fabric.utilities.exceptions import MisconfigurationException
-from lightning_fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -44,6 +41,9 @@ from lightning_cnet.callbacks.optimizer_surgery import (
 )
 from lightning_cnet.callbacks.quick_eval import validation_accuracy
 from lightning_cnet.callbacks.schedule import RefineAt, RefinementSchedule
+
+if TYPE_CHECKING:
+    from lightning_cnet._namespace import Namespace
 
 #: Strategy classes (and their subclasses) whose parameters are sharded or flattened.
 UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy",
@@ -93,7 +93,60 @@ def _averaged_copies(trainer: Any) -> Iterator[nn.Module]:
 
 
 class DepthRefinementMixin:
-    """The namespace-free logic of :class:`DepthRefinementCallback`; see its docstring."""
+    """Refine ContinuousNet models at scheduled epochs during ``trainer.fit``.
+
+    ``lightning_cnet.callbacks.DepthRefinementCallback`` (``pytorch_lightning``) and
+    ``lightning_cnet.lightning.DepthRefinementCallback`` (``lightning.pytorch``) are this logic mixed with each
+    namespace's ``Callback``.
+
+    Every :class:`~lightning_cnet.models.ContinuousNet` inside the LightningModule (found by duck typing:
+    ``refine()``, ``resolution``, ``pop_load_refinements()``) goes from ``K`` to ``2K`` weight pieces and from
+    ``N`` to ``2N`` steps at the start of each scheduled epoch; the optimizer keeps training exactly the
+    model's parameters, the LR schedule continues, DDP is re-wrapped, EMA/SWA copies are refined too.
+
+    Optimizer state: the paper's code rebuilt the optimizer after each refinement, i.e. it **reset** the
+    momenta and kept the current learning rate (``optimizer_state="reset"`` reproduces it). The default is
+    ``"interpolate"``: the state is mapped with the same operator as the weights, so for the exact
+    piecewise-constant refinement the optimizer continues as if nothing but the step size had changed, and
+    adaptive optimizers avoid the sign-like, full learning-rate first steps Adam takes after a reset.
+
+    Checkpoints: the model saves its resolution, and loading a finer checkpoint into a freshly built coarse
+    model refines it before tensors are copied, so ``trainer.fit(ckpt_path=...)``, ``load_from_checkpoint``
+    and ``load_state_dict`` work. This callback saves its history and the resolution training started from.
+
+    Args:
+        refine_at: epochs (0-based, strictly increasing ints), fractions of ``max_epochs`` (floats in
+            ``(0, 1)``), or a callable ``epoch -> bool``; the refinement happens at the start of the epoch.
+        max_refinements: refine at most this many times.
+        max_n_steps: never refine a model past this many steps per stage.
+        optimizer_state: ``"interpolate"`` (default) or ``"reset"`` the state of refined parameters.
+        noise_std: multiply the refined convolution weights by ``1 + noise_std * N(0, 1)`` (the paper:
+            ``0.1``); drawn from a generator seeded by ``seed`` and the refinement level.
+        seed: seed of the noise.
+        evaluate: measure validation accuracy just before and right after each refinement.
+        eval_batches: validation batches per rank for that measurement (``None``: all).
+        verbose: print one rank-zero line per refinement.
+
+    Raises:
+        ValueError: an invalid schedule or argument (at construction).
+        MisconfigurationException: at ``setup``: an unsupported strategy, a model with nothing refinable,
+            fractions without ``max_epochs``.
+
+    Logged metrics (per epoch): ``refinement/level`` and ``refinement/refined`` (1 at refinement epochs);
+    at refinement epochs also ``refinement/epoch``, ``refinement/parameters``, ``refinement/n_steps``,
+    ``refinement/val_acc_before``, ``refinement/val_acc_after``, ``refinement/seconds``.
+
+    Example:
+        >>> import pytorch_lightning as pl
+        >>> from lightning_cnet.module import ContinuousNetClassifier
+        >>> callback = DepthRefinementCallback([2, 4, 6], noise_std=0.1)
+        >>> task = ContinuousNetClassifier("cnet_digits", scheme="rk4", n_steps=1)
+        >>> trainer = pl.Trainer(max_epochs=8, callbacks=[callback])  # doctest: +SKIP
+        >>> trainer.fit(task, datamodule=...)  # doctest: +SKIP
+    """
+
+    #: The Lightning namespace of the concrete class.
+    lightning: ClassVar[Namespace]
 
     def __init__(
         self,
@@ -137,28 +190,28 @@ class DepthRefinementMixin:
         names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
         refused = names.intersection(UNSUPPORTED_STRATEGIES)
         if refused or not names.intersection(SUPPORTED_STRATEGIES):
-            raise MisconfigurationException(
+            raise self.lightning.MisconfigurationException(
                 f"{type(self).__name__} does not support strategy {type(trainer.strategy).__name__}: refining "
                 "replaces parameters, which sharding strategies (FSDP, DeepSpeed, model parallel, XLA) own; use "
                 "a single device or strategy='ddp' / 'ddp_spawn' / 'ddp_fork'"
             )
         nets = refinable_modules(pl_module)
         if not nets:
-            raise MisconfigurationException(
+            raise self.lightning.MisconfigurationException(
                 f"{type(self).__name__} found nothing to refine in {type(pl_module).__name__}: expected a submodule "
                 "with refine(), resolution and pop_load_refinements() such as lightning_cnet.models.ContinuousNet"
             )
-        self.schedule.resolve(trainer.max_epochs)
+        self.schedule.resolve(trainer.max_epochs, self.lightning.MisconfigurationException)
         if self.base_n_steps is None:
             self.base_n_steps = [_n_steps(net) for net in nets]
         if len(self.base_n_steps) != len(nets):
-            raise MisconfigurationException(
+            raise self.lightning.MisconfigurationException(
                 f"{type(self).__name__} recorded {len(self.base_n_steps)} refinable models but "
                 f"{type(pl_module).__name__} has {len(nets)}"
             )
         epochs = self.schedule.epochs
         if epochs and trainer.max_epochs is not None and trainer.max_epochs > 0 and epochs[-1] >= trainer.max_epochs:
-            rank_zero_warn(f"refine_at={epochs} reaches past max_epochs={trainer.max_epochs}: later epochs never run")
+            self.lightning.rank_zero_warn(f"refine_at={epochs} reaches past max_epochs={trainer.max_epochs}: later epochs never run")
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Point optimizers built before a checkpoint was loaded (LightningCLI's) at the refined tensors."""
@@ -290,7 +343,7 @@ class DepthRefinementMixin:
             return ", ".join("-".join(str(n) for n in net) for net in per_net)
 
         if self.verbose:
-            rank_zero_info(
+            self.lightning.rank_zero_info(
                 f"Depth refinement at epoch {entry['epoch']}: n_steps {steps(entry['n_steps_before'])} -> "
                 f"{steps(entry['n_steps_after'])}, parameters {entry['parameters_before']:,} -> "
                 f"{entry['parameters_after']:,}, val_acc {entry['val_acc_before']:.4f} -> "
@@ -304,54 +357,4 @@ class DepthRefinementMixin:
                       on_step=False, on_epoch=True, sync_dist=True)
 
 
-class DepthRefinementCallback(DepthRefinementMixin, pl.Callback):
-    """Refine ContinuousNet models at scheduled epochs during ``trainer.fit`` (``pytorch_lightning``).
-
-    Every :class:`~lightning_cnet.models.ContinuousNet` inside the LightningModule (found by duck typing:
-    ``refine()``, ``resolution``, ``pop_load_refinements()``) goes from ``K`` to ``2K`` weight pieces and from
-    ``N`` to ``2N`` steps at the start of each scheduled epoch; the optimizer keeps training exactly the
-    model's parameters, the LR schedule continues, DDP is re-wrapped, EMA/SWA copies are refined too.
-
-    Optimizer state: the paper's code rebuilt the optimizer after each refinement, i.e. it **reset** the
-    momenta and kept the current learning rate (``optimizer_state="reset"`` reproduces it). The default is
-    ``"interpolate"``: the state is mapped with the same operator as the weights, so for the exact
-    piecewise-constant refinement the optimizer continues as if nothing but the step size had changed, and
-    adaptive optimizers avoid the sign-like, full learning-rate first steps Adam takes after a reset.
-
-    Checkpoints: the model saves its resolution, and loading a finer checkpoint into a freshly built coarse
-    model refines it before tensors are copied, so ``trainer.fit(ckpt_path=...)``, ``load_from_checkpoint``
-    and ``load_state_dict`` work. This callback saves its history and the resolution training started from.
-
-    Args:
-        refine_at: epochs (0-based, strictly increasing ints), fractions of ``max_epochs`` (floats in
-            ``(0, 1)``), or a callable ``epoch -> bool``; the refinement happens at the start of the epoch.
-        max_refinements: refine at most this many times.
-        max_n_steps: never refine a model past this many steps per stage.
-        optimizer_state: ``"interpolate"`` (default) or ``"reset"`` the state of refined parameters.
-        noise_std: multiply the refined convolution weights by ``1 + noise_std * N(0, 1)`` (the paper:
-            ``0.1``); drawn from a generator seeded by ``seed`` and the refinement level.
-        seed: seed of the noise.
-        evaluate: measure validation accuracy just before and right after each refinement.
-        eval_batches: validation batches per rank for that measurement (``None``: all).
-        verbose: print one rank-zero line per refinement.
-
-    Raises:
-        ValueError: an invalid schedule or argument (at construction).
-        MisconfigurationException: at ``setup``: an unsupported strategy, a model with nothing refinable,
-            fractions without ``max_epochs``.
-
-    Logged metrics (per epoch): ``refinement/level`` and ``refinement/refined`` (1 at refinement epochs);
-    at refinement epochs also ``refinement/epoch``, ``refinement/parameters``, ``refinement/n_steps``,
-    ``refinement/val_acc_before``, ``refinement/val_acc_after``, ``refinement/seconds``.
-
-    Example:
-        >>> import pytorch_lightning as pl
-        >>> from lightning_cnet.module import ContinuousNetClassifier
-        >>> callback = DepthRefinementCallback([2, 4, 6], noise_std=0.1)
-        >>> task = ContinuousNetClassifier("cnet_digits", scheme="rk4", n_steps=1)
-        >>> trainer = pl.Trainer(max_epochs=8, callbacks=[callback])  # doctest: +SKIP
-        >>> trainer.fit(task, datamodule=...)  # doctest: +SKIP
-    """
-
-
-__all__ = ["DepthRefinementCallback", "DepthRefinementMixin", "is_refinable", "refinable_modules"]
+__all__ = ["DepthRefinementMixin", "is_refinable", "refinable_modules"]

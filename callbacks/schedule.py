@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-from lightning_fabric.utilities.exceptions import MisconfigurationException
 
 RefineAt = int | float | Sequence[int | float] | Callable[[int], bool]
 """An epoch, a fraction of ``max_epochs``, a list of them, or a callable ``epoch -> bool``."""
@@ -83,17 +82,22 @@ class RefinementSchedule:
         """Whether fractions of ``max_epochs`` still have to be resolved."""
         return self._epochs is None and self._callable is None
 
-    def resolve(self, max_epochs: int | None) -> None:
+    def resolve(self, max_epochs: int | None, error: type[Exception] = ValueError) -> None:
         """Turn fractions into epochs.
 
+        Args:
+            max_epochs: the Trainer's ``max_epochs``.
+            error: the exception class raised when fractions meet no finite ``max_epochs`` (a callback passes its
+                Lightning namespace's ``MisconfigurationException``).
+
         Raises:
-            MisconfigurationException: fractions with no finite ``max_epochs``.
+            error: fractions with no finite ``max_epochs``.
             ValueError: the resolved epochs are not strictly increasing.
         """
         if not self.needs_max_epochs:
             return
         if max_epochs is None or max_epochs < 1:
-            raise MisconfigurationException(
+            raise error(
                 f"refine_at={self._entries} holds fractions of max_epochs but the Trainer has max_epochs={max_epochs}; "
                 "set Trainer(max_epochs=...) or give refine_at as epochs"
             )

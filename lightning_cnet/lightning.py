@@ -1,9 +1,10 @@
-"""The ``lightning.pytorch`` variants of the LightningModule and the callbacks.
+"""Every Lightning-facing class of the package for ``lightning.pytorch`` (needs the ``lightning`` package).
 
 ``lightning.pytorch`` and ``pytorch_lightning`` do not share classes: a Trainer of one namespace rejects a
-LightningModule of the other, and LightningCLI rejects foreign callbacks. The logic is written once
-(:class:`~lightning_cnet.task.ClassificationTask`, :class:`~lightning_cnet.callbacks.DepthRefinementMixin`);
-this module mixes it with the ``lightning.pytorch`` base classes. It needs the ``lightning`` package.
+LightningModule of the other, and LightningCLI rejects foreign callbacks. The logic is written once in
+namespace-free mixins; this module mixes it with the ``lightning.pytorch`` base classes and imports nothing of
+``pytorch_lightning``. The ``pytorch_lightning`` classes are ``lightning_cnet.module``, ``lightning_cnet.callbacks``
+and ``lightning_cnet.data``.
 
 Example:
     >>> import lightning.pytorch as L  # doctest: +SKIP
@@ -12,25 +13,23 @@ Example:
     >>> trainer.fit(ContinuousNetClassifier(scheme="rk4"), datamodule=...)  # doctest: +SKIP
 """
 
-try:
-    import lightning.pytorch as L
-except ImportError as error:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "lightning_cnet.lightning needs the `lightning` package (pip install lightning); "
-        "with pytorch_lightning use lightning_cnet.module and lightning_cnet.callbacks"
-    ) from error
+from lightning_cnet._namespace import lightning_namespace
 
-from lightning_cnet.callbacks.depth_refinement import DepthRefinementCallback as _PLDepthRefinementCallback
-from lightning_cnet.callbacks.depth_refinement import DepthRefinementMixin
-from lightning_cnet.task import ClassificationTask
+_LIGHTNING = lightning_namespace()
+L = _LIGHTNING.module
+
+from lightning_cnet.callbacks.depth_refinement import DepthRefinementMixin  # noqa: E402
+from lightning_cnet.classification import ClassificationTask  # noqa: E402
 
 
 class ContinuousNetClassifier(ClassificationTask, L.LightningModule):
     __doc__ = ClassificationTask.__doc__
+    lightning = _LIGHTNING
 
 
 class DepthRefinementCallback(DepthRefinementMixin, L.Callback):
-    __doc__ = _PLDepthRefinementCallback.__doc__
+    __doc__ = DepthRefinementMixin.__doc__
+    lightning = _LIGHTNING
 
 
 __all__ = ["ContinuousNetClassifier", "DepthRefinementCallback"]

@@ -10,8 +10,10 @@ Example:
 
 import pytorch_lightning as pl
 
-from lightning_cnet.task import ClassificationTask
+from lightning_cnet._namespace import pytorch_lightning_namespace
+from lightning_cnet.classification import ClassificationTask
 
 
 class ContinuousNetClassifier(ClassificationTask, pl.LightningModule):
     __doc__ = ClassificationTask.__doc__
+    lightning = pytorch_lightning_namespace()

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_cnet.cli import ContinuousNetCLI
 from lightning_cnet.data import DigitsDataModule
 from lightning_cnet.module import ContinuousNetClassifier
-from lightning_cnet.task import check_checkpoint
+from lightning_cnet.classification import check_checkpoint
 
 #: Parameters of the pre-activation ResNet with one block per stage and widths 8-16-32 on one input channel
 #: (the digits baseline, measured independently): the one-step, one-piece ContinuousNet has the same tensors

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_cnet.integrators import get_scheme
 from lightning_cnet.models import ContinuousNet, get_model
+
+if TYPE_CHECKING:
+    from lightning_cnet._namespace import Namespace
 
 SPLITS = ("train", "val", "test")
 
@@ -47,6 +50,9 @@ class ClassificationTask:
         gamma: decay factor of the ``"step"`` schedule.
         backbone: use this ContinuousNet instead of building ``model`` (not saved in hyperparameters).
     """
+
+    #: The Lightning namespace of the concrete class.
+    lightning: ClassVar[Namespace]
 
     def __init__(
         self,

@@ -1,0 +1,17 @@
+"""The ``pytorch_lightning`` callbacks: the namespace-free mixins made concrete with ``pytorch_lightning.Callback``."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+
+from lightning_cnet._namespace import pytorch_lightning_namespace
+from lightning_cnet.callbacks.depth_refinement import DepthRefinementMixin
+
+
+class DepthRefinementCallback(DepthRefinementMixin, pl.Callback):
+    __doc__ = DepthRefinementMixin.__doc__
+    __module__ = "lightning_cnet.callbacks"
+    lightning = pytorch_lightning_namespace()
+
+
+__all__ = ["DepthRefinementCallback"]
