@@ -1,4 +1,4 @@
-"""Training memory of one RK4 ContinuousNet stage, with and without ``checkpoint_steps=True``.
+"""Training memory of one RK4 ContinuousNet stage, with and without ``recompute_steps=True``.
 
 For each ``N = n_basis = n_steps`` a fresh subprocess builds ``ODEBlock(channels, scheme="rk4")``, runs one
 training step (forward, mean-square loss, backward; after a one-image warm-up step) on a ``[batch, channels, size, size]`` input and reports:
@@ -62,13 +62,14 @@ def max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure_row(n: int, checkpoint_steps: bool, args: argparse.Namespace) -> dict[str, float]:
+def measure_row(n: int, recompute_steps: bool, args: argparse.Namespace) -> dict[str, float]:
     """One training step of a fresh RK4 stage in this process: saved bytes, peak RSS and time."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    block = ODEBlock(args.channels, n_basis=n, n_steps=n, scheme="rk4", checkpoint_steps=checkpoint_steps)
+    block = ODEBlock(args.channels, n_basis=n, n_steps=n, scheme="rk4", recompute_steps=recompute_steps)
     with torch.no_grad():
-        block.gate.gate.fill_(1.0)  # a non-trivial R, so that no gradient is skipped as zero
+        for piece in block.gate.gate:
+            piece.fill_(1.0)  # a non-trivial R, so that no gradient is skipped as zero
     # a one-image step first, so that lazy initialisation (kernels, autograd threads) is not counted
     block(torch.randn(1, args.channels, args.size, args.size, requires_grad=True)).square().mean().backward()
     x = torch.randn(args.batch_size, args.channels, args.size, args.size, requires_grad=True)
@@ -88,10 +89,10 @@ def measure_row(n: int, checkpoint_steps: bool, args: argparse.Namespace) -> dic
     }
 
 
-def run_in_subprocess(n: int, checkpoint_steps: bool, args: argparse.Namespace) -> dict[str, float]:
+def run_in_subprocess(n: int, recompute_steps: bool, args: argparse.Namespace) -> dict[str, float]:
     """Measure one row in a fresh interpreter, so that ``ru_maxrss`` belongs to that row alone."""
     command = [
-        sys.executable, __file__, "--row", str(n), str(int(checkpoint_steps)),
+        sys.executable, __file__, "--row", str(n), str(int(recompute_steps)),
         "--batch-size", str(args.batch_size), "--channels", str(args.channels), "--size", str(args.size),
         "--threads", str(args.threads),
     ]
@@ -113,8 +114,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if args.row is not None:
-        n, checkpoint_steps = args.row
-        print(json.dumps(measure_row(n, bool(checkpoint_steps), args)))
+        n, recompute_steps = args.row
+        print(json.dumps(measure_row(n, bool(recompute_steps), args)))
         return
     print(
         f"# one ODEBlock stage, rk4, piecewise_constant K=N, input [{args.batch_size}, {args.channels}, "

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_cnet.models import ContinuousNet, get_model
+from lightning_cnet.units import PreActBasicUnit
 
 IMAGE_SHAPE = (3, 32, 32)
 MAX_REPEATS = 200
@@ -106,14 +107,14 @@ class PreActResNet(nn.Module):
 @torch.no_grad()
 def resnet_from(cnet: ContinuousNet) -> PreActResNet:
     """The ResNet that computes what ``cnet`` (Euler, piecewise constant, ``K = N = T``) computes."""
-    widths = [stage.conv1.weight.shape[1] for stage in cnet.stages]
+    widths = [stage.unit.conv1.weight[0].shape[1] for stage in cnet.stages]
     n_blocks = cnet.stages[0].n_steps
     for stage in cnet.stages:
         r = stage.resolution
         if (r.scheme, r.basis, r.n_basis, r.n_steps, r.T) != ("euler", "piecewise_constant", n_blocks, n_blocks, n_blocks):
             raise ValueError(f"no equivalent ResNet for a stage at {r}")
-        if stage.conv1.bias is not None:
-            raise ValueError("the reference ResNet has no convolution biases; build the model with bias=False")
+        if not isinstance(stage.unit, PreActBasicUnit) or stage.unit.conv1.bias is not None:
+            raise ValueError("the reference ResNet has pre-activation basic blocks without convolution biases")
     resnet = PreActResNet(widths, n_blocks)
     resnet.stem.load_state_dict(cnet.stem.state_dict())
     for down, stitch in zip(resnet.downs, cnet.stitches):
@@ -122,15 +123,13 @@ def resnet_from(cnet: ContinuousNet) -> PreActResNet:
     resnet.fc.load_state_dict(cnet.fc.state_dict())
     for stage, blocks in zip(cnet.stages, resnet.stages):
         for k, block in enumerate(blocks):
-            for bn, time_bn in ((block.bn1, stage.norm1), (block.bn2, stage.norm2)):
-                bn.weight.copy_(time_bn.weight[k])
-                bn.bias.copy_(time_bn.bias[k])
-                bn.running_mean.copy_(time_bn.running_mean[k])
-                bn.running_var.copy_(time_bn.running_var[k])
+            unit = stage.unit
+            for bn, time_bn in ((block.bn1, unit.norm1.pieces[k]), (block.bn2, unit.norm2.pieces[k])):
+                bn.load_state_dict(time_bn.state_dict())
                 bn.momentum, bn.eps = time_bn.momentum, time_bn.eps
-            block.conv1.weight.copy_(stage.conv1.weight[k])
+            block.conv1.weight.copy_(unit.conv1.weight[k])
             gain = 1.0 if stage.gate is None else stage.gate.gate[k]
-            block.conv2.weight.copy_(stage.conv2.weight[k] * gain)
+            block.conv2.weight.copy_(unit.conv2.weight[k] * gain)
     return resnet
 
 
@@ -139,8 +138,9 @@ def randomise_(model: nn.Module, generator: torch.Generator) -> None:
     """Give every BatchNorm affine map, running statistic and skip-init gate a random non-trivial value,
     so that the equality check exercises all of them."""
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in ("gate", "running_var") or (leaf == "weight" and tensor.dim() <= 2 and "fc" not in name):
+        parts = name.split(".")
+        leaf = parts[-2] if parts[-1].isdigit() else parts[-1]  # a piece of a time-dependent tensor: "<name>.<k>"
+        if leaf in ("gate", "running_var") or (leaf == "weight" and tensor.dim() <= 1 and "fc" not in name):
             tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
         elif leaf in ("bias", "running_mean") and "fc" not in name:
             tensor.copy_(0.2 * torch.randn(tensor.shape, generator=generator))

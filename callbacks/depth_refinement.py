@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -39,6 +39,8 @@ from lightning_cnet.callbacks.optimizer_surgery import (
     replace_parameters,
     stale_parameters,
 )
+from lightning_cnet.layers import ParameterChange
+from lightning_cnet.ode_block import check_noise_std
 from lightning_cnet.callbacks.quick_eval import validation_accuracy
 from lightning_cnet.callbacks.schedule import RefineAt, RefinementSchedule
 
@@ -53,10 +55,9 @@ SUPPORTED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
 
 
 def is_refinable(module: nn.Module) -> bool:
-    """Whether ``module`` looks like a :class:`~lightning_cnet.models.ContinuousNet` (duck-typed)."""
-    return all(callable(getattr(module, name, None)) for name in ("refine", "pop_load_refinements")) and hasattr(
-        module, "resolution"
-    )
+    """Whether ``module`` can be refined like a :class:`~lightning_cnet.models.ContinuousNet` or an
+    :class:`~lightning_cnet.ode_block.ODEBlock` (duck-typed: ``refine()`` and ``stage_resolutions``)."""
+    return callable(getattr(module, "refine", None)) and hasattr(module, "stage_resolutions")
 
 
 def refinable_modules(module: nn.Module) -> list[nn.Module]:
@@ -73,7 +74,7 @@ def refinable_modules(module: nn.Module) -> list[nn.Module]:
 
 
 def _n_steps(net: nn.Module) -> tuple[int, ...]:
-    return tuple(stage.n_steps for stage in net.resolution)
+    return tuple(stage.n_steps for stage in net.stage_resolutions)
 
 
 def _doublings(base: int, steps: int) -> int | None:
@@ -99,8 +100,9 @@ class DepthRefinementMixin:
     ``lightning_cnet.lightning.DepthRefinementCallback`` (``lightning.pytorch``) are this logic mixed with each
     namespace's ``Callback``.
 
-    Every :class:`~lightning_cnet.models.ContinuousNet` inside the LightningModule (found by duck typing:
-    ``refine()``, ``resolution``, ``pop_load_refinements()``) goes from ``K`` to ``2K`` weight pieces and from
+    Every :class:`~lightning_cnet.models.ContinuousNet` (or stand-alone :class:`~lightning_cnet.ode_block.ODEBlock`)
+    inside the LightningModule (found by duck typing: ``refine()`` and ``stage_resolutions``) goes from ``K`` to
+    ``2K`` weight pieces and from
     ``N`` to ``2N`` steps at the start of each scheduled epoch; the optimizer keeps training exactly the
     model's parameters, the LR schedule continues, DDP is re-wrapped, EMA/SWA copies are refined too.
 
@@ -168,8 +170,7 @@ class DepthRefinementMixin:
             raise ValueError(f"max_n_steps={max_n_steps!r} must be None or an integer >= 1")
         if optimizer_state not in ("interpolate", "reset"):
             raise ValueError(f"optimizer_state={optimizer_state!r} is not known: expected 'interpolate' or 'reset'")
-        if not isinstance(noise_std, (int, float)) or isinstance(noise_std, bool) or not noise_std >= 0:
-            raise ValueError(f"noise_std={noise_std!r} must be a number >= 0 (the paper used 0.1)")
+        check_noise_std(noise_std)
         if eval_batches is not None and (not isinstance(eval_batches, int) or eval_batches < 1):
             raise ValueError(f"eval_batches={eval_batches!r} must be None or an integer >= 1")
         self.max_n_steps = max_n_steps
@@ -199,7 +200,7 @@ class DepthRefinementMixin:
         if not nets:
             raise self.lightning.MisconfigurationException(
                 f"{type(self).__name__} found nothing to refine in {type(pl_module).__name__}: expected a submodule "
-                "with refine(), resolution and pop_load_refinements() such as lightning_cnet.models.ContinuousNet"
+                "with refine() and stage_resolutions such as lightning_cnet.ContinuousNet or lightning_cnet.ODEBlock"
             )
         self.schedule.resolve(trainer.max_epochs, self.lightning.MisconfigurationException)
         if self.base_n_steps is None:
@@ -214,16 +215,11 @@ class DepthRefinementMixin:
             self.lightning.rank_zero_warn(f"refine_at={epochs} reaches past max_epochs={trainer.max_epochs}: later epochs never run")
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        """Point optimizers built before a checkpoint was loaded (LightningCLI's) at the refined tensors."""
-        parameter_map: dict[nn.Parameter, tuple[nn.Parameter, torch.Tensor]] = {}
-        for net in refinable_modules(pl_module):
-            parameter_map.update(net.pop_load_refinements())
-        for average in _averaged_copies(trainer):
-            for net in refinable_modules(average):
-                net.pop_load_refinements()
-        if parameter_map:
-            for optimizer in trainer.optimizers:
-                replace_parameters(optimizer, parameter_map, optimizer_state="reset")
+        """Check that the optimizers train the model's parameters.
+
+        Lightning restores a checkpoint (refining a coarse model to its resolution) before the strategy builds the
+        optimizers, so they see the refined tensors; an optimizer built earlier (before the load) is an error.
+        """
         self._check_optimizers(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
@@ -289,17 +285,16 @@ class DepthRefinementMixin:
         params_before = sum(p.numel() for p in pl_module.parameters())
         start = time.perf_counter()
 
-        parameter_map: dict[nn.Parameter, tuple[nn.Parameter, torch.Tensor]] = {}
         generator = self._generator(level)
-        for net in nets:
-            parameter_map.update(net.refine(noise_std=self.noise_std, generator=generator).parameter_map)
+        changes = [change for net in nets
+                   for change in net.refine(noise_std=self.noise_std, generator=generator).parameter_changes]
         for average in _averaged_copies(trainer):
             for net in refinable_modules(average):
                 net.refine()
         self._rewrap_ddp(trainer)
         for optimizer in trainer.optimizers:
-            replace_parameters(optimizer, parameter_map, optimizer_state=self.optimizer_state)
-        self._check_optimizers(trainer, pl_module, replaced=parameter_map)
+            replace_parameters(optimizer, changes, optimizer_state=self.optimizer_state)
+        self._check_optimizers(trainer, pl_module, changes)
 
         seconds = time.perf_counter() - start
         acc_after = self._accuracy(trainer, pl_module)
@@ -325,16 +320,17 @@ class DepthRefinementMixin:
             strategy.configure_ddp()
 
     @staticmethod
-    def _check_optimizers(trainer: Any, pl_module: Any, replaced: dict | None = None) -> None:
+    def _check_optimizers(trainer: Any, pl_module: Any, changes: Sequence[ParameterChange] = ()) -> None:
         stale = stale_parameters(trainer.optimizers, pl_module)
         if stale:
             raise RuntimeError(
-                f"{len(stale)} tensors held by the optimizer are no longer parameters of {type(pl_module).__name__} "
-                f"(shapes {[tuple(p.shape) for p in stale[:4]]}); the optimizer was built from another model"
+                f"{len(stale)} tensors held by the optimizer are not parameters of {type(pl_module).__name__} "
+                f"(shapes {[tuple(p.shape) for p in stale[:4]]}): the optimizer was built from another model, or "
+                "before a checkpoint was loaded; build it in configure_optimizers()"
             )
-        if replaced and trainer.optimizers:
+        if changes and trainer.optimizers:
             held = optimized_parameters(trainer.optimizers)
-            missing = [new for new, _ in replaced.values() if new.requires_grad and id(new) not in held]
+            missing = [new for change in changes for new in change.new if new.requires_grad and id(new) not in held]
             if missing:
                 raise RuntimeError(f"{len(missing)} refined parameters are not held by any optimizer")
 

@@ -1,7 +1,9 @@
 """Top-1 accuracy on the validation data, measured from inside a training hook without side effects.
 
 The module is put in eval mode (BatchNorm uses, and does not update, its running statistics), the
-forward runs under ``no_grad`` and the Trainer's precision context, the random number generators are
+batches are converted and the forward runs as in Lightning's own validation loop (the precision plugin's
+``convert_input`` and ``val_step_context``, so ``64-true`` and ``bf16-true`` get batches of their dtype), under
+``no_grad``, the random number generators are
 restored afterwards (creating a dataloader iterator draws from the global generator), and the
 previous train/eval mode of every submodule is restored. Under DDP every rank evaluates its shard of
 the validation set and the counts are summed, so all ranks get the same number.
@@ -68,8 +70,8 @@ def validation_accuracy(trainer: Any, pl_module: nn.Module, max_batches: int | N
         for index, batch in enumerate(loader):
             if max_batches is not None and index >= max_batches:
                 break
-            images, targets = strategy.batch_to_device(batch)[:2]
-            with trainer.precision_plugin.forward_context():
+            images, targets = trainer.precision_plugin.convert_input(strategy.batch_to_device(batch))[:2]
+            with trainer.precision_plugin.val_step_context():
                 logits = pl_module(images)
             correct += (logits.argmax(dim=-1) == targets).sum()
             total += targets.numel()

@@ -34,6 +34,8 @@ from functools import lru_cache
 
 import torch
 
+from lightning_cnet.registry import Registry
+
 NodeWeights = tuple[tuple[int, float], ...]
 """Which coefficients make up ``theta(t)``: ``((index, weight), ...)``, weights summing to one."""
 
@@ -186,14 +188,28 @@ class PiecewiseLinearBasis(Basis):
         return self.breakpoints(n_basis)
 
 
-_BASES: dict[str, Basis] = {
-    basis.name: basis for basis in (PiecewiseConstantBasis(), PiecewiseLinearBasis())
-}
+BASES: Registry[Basis] = Registry("basis")
+"""The registered families of time bases."""
+
+
+def register_basis(basis: Basis, *, overwrite: bool = False) -> Basis:
+    """Register a :class:`Basis` instance under its ``name``.
+
+    Raises:
+        ValueError: the name is taken (unless ``overwrite``) or ``basis`` is not a :class:`Basis`.
+    """
+    if not isinstance(basis, Basis):
+        raise ValueError(f"expected a Basis instance, got {type(basis).__name__}")
+    return BASES.register(basis.name, basis, overwrite=overwrite)
+
+
+register_basis(PiecewiseConstantBasis())
+register_basis(PiecewiseLinearBasis())
 
 
 def list_bases() -> list[str]:
     """Names accepted by :func:`get_basis`."""
-    return sorted(_BASES)
+    return BASES.names()
 
 
 def get_basis(name: str | Basis) -> Basis:
@@ -204,10 +220,7 @@ def get_basis(name: str | Basis) -> Basis:
     """
     if isinstance(name, Basis):
         return name
-    try:
-        return _BASES[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"basis={name!r} is not known: expected one of {list_bases()}") from None
+    return BASES.get(name)
 
 
 def _values_on_interval(basis: Basis, n_basis: int, left: Fraction, right: Fraction) -> torch.Tensor:

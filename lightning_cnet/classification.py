@@ -8,6 +8,9 @@
 
 from __future__ import annotations
 
+import copy
+import re
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -16,6 +19,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_cnet._transaction import restored_on_error
 from lightning_cnet.integrators import get_scheme
 from lightning_cnet.models import ContinuousNet, get_model
 
@@ -36,9 +40,12 @@ class ClassificationTask:
         n_steps: integration steps per stage.
         n_basis: basis coefficients per stage (default: ``n_steps``).
         basis: ``"piecewise_constant"`` or ``"piecewise_linear"``.
-        T: physical depth of each stage (default: ``n_steps``).
+        T: physical depth of each stage (default: ``n_steps``; for a model refined during training, the step count
+            of the final model).
+        unit: the residual unit of the ODE stages (``"preact_basic"``, ``"bottleneck"``, a registered name).
+        unit_kwargs: keyword arguments of the unit.
         skip_init: gate the residual units by ``s(t)`` initialised to zero.
-        checkpoint_steps: recompute activations per step in backward to save memory.
+        recompute_steps: recompute activations per step in backward to save memory.
         label_smoothing: cross-entropy label smoothing.
         optimizer: ``"sgd"`` (Nesterov momentum) or ``"adamw"``; LightningCLI's ``--optimizer`` overrides it.
         lr: learning rate.
@@ -65,8 +72,10 @@ class ClassificationTask:
         n_basis: int | None = None,
         basis: str = "piecewise_constant",
         T: float | None = None,
+        unit: str = "preact_basic",
+        unit_kwargs: dict[str, Any] | None = None,
         skip_init: bool = True,
-        checkpoint_steps: bool = False,
+        recompute_steps: bool = False,
         label_smoothing: float = 0.0,
         optimizer: Literal["sgd", "adamw"] = "sgd",
         lr: float = 0.1,
@@ -86,8 +95,8 @@ class ClassificationTask:
         if backbone is None:
             data_shape = {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans)) if v is not None}
             backbone = get_model(
-                model, scheme=scheme, n_steps=n_steps, n_basis=n_basis, basis=basis, T=T, skip_init=skip_init,
-                checkpoint_steps=checkpoint_steps, **data_shape,
+                model, scheme=scheme, n_steps=n_steps, n_basis=n_basis, basis=basis, T=T, unit=unit,
+                unit_kwargs=unit_kwargs, skip_init=skip_init, recompute_steps=recompute_steps, **data_shape,
             )
         self.model: ContinuousNet = backbone
         self.num_classes = self.model.num_classes
@@ -116,6 +125,12 @@ class ClassificationTask:
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another model before any tensor is loaded (see :func:`check_checkpoint`)."""
         check_checkpoint(self, checkpoint)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``load_state_dict``, all or nothing: a failed load (by ``load_from_checkpoint``, a resume or directly)
+        leaves the module exactly as it was."""
+        with restored_on_error(self):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def on_train_epoch_start(self) -> None:
         self.log_resolution()
@@ -185,27 +200,23 @@ class ClassificationTask:
 def check_checkpoint(task: ClassificationTask, checkpoint: dict[str, Any]) -> None:
     """Raise ``ValueError`` when ``checkpoint`` holds another model than ``task``, naming the first difference.
 
-    The checkpoint must hold the same tensors with the same shapes; only the number of basis coefficients
-    (dim 0 of the ODE stages' tensors) may differ, because loading refines the stages to match.
+    The checkpoint's ``model.*`` tensors are loaded into a copy of the task's model (refined to the checkpoint's
+    resolution on the way), so a finer checkpoint of the same model passes and anything else is refused before the
+    task itself is touched.
 
     Args:
         task: the classifier about to load the checkpoint.
         checkpoint: a Lightning checkpoint (``state_dict`` and ``hyper_parameters``).
     """
-    theirs = {k: v for k, v in checkpoint.get("state_dict", {}).items() if isinstance(v, torch.Tensor)}
-    ours = {k: v for k, v in task.state_dict().items() if isinstance(v, torch.Tensor)}
-    problem = None
-    if missing := sorted(ours.keys() - theirs.keys()):
-        problem = f"it lacks {missing[0]}" + (f" and {len(missing) - 1} more tensors" if len(missing) > 1 else "")
-    elif unexpected := sorted(theirs.keys() - ours.keys()):
-        problem = f"it has {unexpected[0]}, which this model lacks"
-    else:
-        for key, tensor in ours.items():
-            in_stage = ".stages." in f".{key}"
-            shape, their_shape = tuple(tensor.shape), tuple(theirs[key].shape)
-            if (shape[1:], len(shape)) != (their_shape[1:], len(their_shape)) or (not in_stage and shape != their_shape):
-                problem = f"{key} has shape {list(their_shape)} in it but {list(shape)} here"
-                break
+    state = checkpoint.get("state_dict", {})
+    theirs = {key[len("model."):]: value for key, value in state.items() if key.startswith("model.")}
+    others = sorted(key for key in state if not key.startswith(("model.", "metrics.")))
+    problem = f"it has {others[0]}, which this model lacks" if others else None
+    if problem is None:
+        try:
+            copy.deepcopy(task.model).load_state_dict(theirs)
+        except (RuntimeError, ValueError) as error:
+            problem = _first_difference(str(error))
     if problem is None:
         return
     hparams = checkpoint.get("hyper_parameters", {})
@@ -218,3 +229,17 @@ def check_checkpoint(task: ClassificationTask, checkpoint: dict[str, Any]) -> No
         f"{describe(hparams, hparams.get('num_classes'), hparams.get('in_chans'))}, this model is "
         f"{describe(task.hparams, task.num_classes, task.in_chans)}; load it with the config it was trained with"
     )
+
+
+def _first_difference(message: str) -> str:
+    """The first problem named by a ``load_state_dict`` error, on one line."""
+    size = re.search(r"size mismatch for ([\w.]+): copying a param with shape (torch.Size\(\[[\d, ]*\]\)) from "
+                     r"checkpoint, the shape in current model is (torch.Size\(\[[\d, ]*\]\))", message)
+    if size:
+        theirs, ours = (shape.removeprefix("torch.Size(").removesuffix(")") for shape in size.group(2, 3))
+        return f"model.{size.group(1)} has shape {theirs} in it but {ours} here"
+    keys = re.search(r'(Missing|Unexpected) key\(s\) in state_dict: "([\w.]+)"', message)
+    if keys:
+        verb = "it lacks" if keys.group(1) == "Missing" else "it has"
+        return f"{verb} model.{keys.group(2)}" + ("" if verb == "it lacks" else ", which this model lacks")
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())

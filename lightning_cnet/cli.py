@@ -23,14 +23,16 @@ import inspect
 import re
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import import_module
 from importlib.util import find_spec
 from pathlib import Path
+from types import MethodType
 from typing import Any, NoReturn
 
 import pytorch_lightning as pl
 import yaml
+from torch.optim import Optimizer
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, ProgressBar, RichProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -110,6 +112,15 @@ class ContinuousNetCLI(LightningCLI):
                     f"{name}={data_value}; remove model.init_args.{name} (it is taken from the data)"
                 )
 
+    def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
+        """LightningCLI builds ``--optimizer``/``--lr_scheduler`` at parse time from the model's parameters; let them
+        train the parameters the model has when the Trainer asks for its optimizers, i.e. after a checkpoint was
+        loaded (which may have refined the ODE stages to a finer resolution)."""
+        super()._add_configure_optimizers_method_to_model(subcommand)
+        configure = self.model.__dict__.get("configure_optimizers")
+        if configure is not None:
+            self.model.configure_optimizers = MethodType(_on_current_parameters(configure), self.model)
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> pl.Trainer:
         """Add the rich progress bar when ``rich`` is installed and no other progress bar is configured."""
         configured = list(config.get("callbacks") or []) + list(callbacks)
@@ -129,6 +140,31 @@ class ContinuousNetCLI(LightningCLI):
             if is_user_error(err):
                 _remove_unfinished(new_directories)
             raise
+
+
+def _on_current_parameters(configure: Callable[[], Any]) -> Callable[[pl.LightningModule], Any]:
+    """Wrap LightningCLI's ``configure_optimizers``: an optimizer it built at parse time holds one param group of the
+    parameters the model had then and has not stepped yet; point that group at the model's current parameters."""
+
+    def configure_optimizers(module: pl.LightningModule) -> Any:
+        result = configure()
+        for optimizer in _optimizers_in(result):
+            if not optimizer.state and len(optimizer.param_groups) == 1:
+                optimizer.param_groups[0]["params"] = list(module.parameters())
+        return result
+
+    return configure_optimizers
+
+
+def _optimizers_in(value: Any) -> Iterator[Optimizer]:
+    if isinstance(value, Optimizer):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _optimizers_in(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _optimizers_in(item)
 
 
 def default_trainer_settings() -> dict[str, Any]:

@@ -23,6 +23,8 @@ from typing import TypeVar
 
 import torch
 
+from lightning_cnet.registry import Registry
+
 Number = int | float | Fraction
 StageArgument = TypeVar("StageArgument")
 
@@ -116,7 +118,8 @@ def make_tableau(
 
 
 _F = Fraction
-_SCHEMES: dict[str, ButcherTableau] = {}
+SCHEMES: Registry[ButcherTableau] = Registry("scheme")
+"""The registered Runge-Kutta schemes."""
 
 
 def register_scheme(
@@ -143,18 +146,14 @@ def register_scheme(
         >>> ralston.c
         (Fraction(0, 1), Fraction(2, 3))
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"scheme name must be a non-empty string, got {name!r}")
-    if name in _SCHEMES and not overwrite:
-        raise ValueError(f"scheme {name!r} is already registered; pass overwrite=True to replace it")
+    SCHEMES.check_name(name, overwrite=overwrite)
     tableau = make_tableau(name, a, b, c, order)
-    _SCHEMES[name] = tableau
-    return tableau
+    return SCHEMES.register(name, tableau, overwrite=overwrite)
 
 
 def list_schemes() -> list[str]:
     """Names accepted as ``scheme=``."""
-    return sorted(_SCHEMES)
+    return SCHEMES.names()
 
 
 def get_scheme(scheme: str | ButcherTableau) -> ButcherTableau:
@@ -165,10 +164,7 @@ def get_scheme(scheme: str | ButcherTableau) -> ButcherTableau:
     """
     if isinstance(scheme, ButcherTableau):
         return scheme
-    try:
-        return _SCHEMES[scheme]
-    except (KeyError, TypeError):
-        raise ValueError(f"scheme={scheme!r} is not known: expected one of {list_schemes()}") from None
+    return SCHEMES.get(scheme)
 
 
 register_scheme("euler", a=[[0]], b=[1], order=1)

@@ -1,20 +1,31 @@
-"""Layers whose parameters are functions of depth-time.
+"""Layers whose parameters are functions of depth-time, the building blocks of residual units.
 
-Every time-dependent tensor stores its ``K`` basis coefficients on dimension 0. A layer is called with
-the :data:`~lightning_cnet.bases.NodeWeights` of the current time (which coefficients, with which
-weights), computed once per resolution by the owning block, so the forward pass does plain indexing.
+A time-dependent tensor ``theta(t) = sum_k phi_k(t) theta_k`` is stored as its ``K`` basis coefficients
+("pieces"), each an ordinary tensor of the layer's shape: kernels in an ``nn.ParameterList``, BatchNorm as one
+``nn.BatchNorm2d`` per piece. So every piece is what a ResNet block would hold, and the tools of the ecosystem
+(``SyncBatchNorm`` conversion, ``channels_last``, safetensors, EMA) see ordinary tensors and modules. A layer is
+called with the :data:`~lightning_cnet.bases.NodeWeights` of the current time (which pieces, with which
+weights), computed once per resolution by the owning ODE block, so the forward pass does plain indexing.
+
+Changing the resolution (refinement, compression) maps the pieces through a matrix ``[K_new, K_old]``
+(:meth:`TimeDependent.resample`) and replaces them by new parameters; the returned :class:`ParameterChange` tells
+optimizers which new parameter is made of which old ones.
 
 Example:
     >>> import torch
     >>> conv = TimeConv2d(4, 4, n_basis=2)
     >>> conv(torch.randn(1, 4, 8, 8), ((1, 1.0),)).shape
     torch.Size([1, 4, 8, 8])
+    >>> conv.n_basis, tuple(conv.weight[0].shape)
+    (2, (4, 4, 3, 3))
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,209 +33,367 @@ from torch import nn
 
 from lightning_cnet.bases import Basis, NodeWeights
 
-ParameterMap = dict[nn.Parameter, tuple[nn.Parameter, torch.Tensor]]
-"""``old parameter -> (new parameter, coefficient map [K_new, K_old])`` after a change of resolution."""
+
+@dataclass(frozen=True, eq=False)
+class ParameterChange:
+    """How a change of resolution replaced the parameters of one time-dependent layer.
+
+    Attributes:
+        old: the layer's parameters before, in module order.
+        new: the layer's parameters after, in module order.
+        sources: each new parameter -> the old parameters it is a linear combination of, with their coefficients.
+    """
+
+    old: tuple[nn.Parameter, ...]
+    new: tuple[nn.Parameter, ...]
+    sources: Mapping[nn.Parameter, tuple[tuple[nn.Parameter, float], ...]]
 
 
-Coefficients = torch.Tensor | Sequence[torch.Tensor]
-"""A tensor with ``K`` coefficients on dim 0, or the sequence of its ``K`` slices."""
-
-
-def at_time(coeffs: Coefficients, weights: NodeWeights) -> torch.Tensor:
-    """``sum_k w_k coeffs[k]`` for the given node weights; plain indexing for a single piece."""
-    (index, weight), *rest = weights
-    value = coeffs[index] if weight == 1.0 else coeffs[index] * weight
+def at_time(pieces: Sequence[torch.Tensor], nodes: NodeWeights) -> torch.Tensor:
+    """``sum_k w_k pieces[k]`` for the given node weights; plain indexing for a single piece."""
+    (index, weight), *rest = nodes
+    value = pieces[index] if weight == 1.0 else pieces[index] * weight
     for index, weight in rest:
-        value = value + coeffs[index] * weight
+        value = value + pieces[index] * weight
     return value
 
 
+def resample_pieces(pieces: Sequence[torch.Tensor], matrix: torch.Tensor) -> list[torch.Tensor]:
+    """Map ``K_old`` pieces of one shape through ``matrix`` ``[K_new, K_old]`` (in float64), keeping dtype, device
+    and a ``channels_last`` memory format."""
+    stacked = torch.stack([piece.detach() for piece in pieces])
+    mapped = Basis.apply(matrix, stacked).unbind(0)
+    first = pieces[0]
+    keep_channels_last = first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last) and not (
+        first.is_contiguous()
+    )
+    form = torch.channels_last if keep_channels_last else torch.contiguous_format
+    return [tensor.contiguous(memory_format=form) for tensor in mapped]
+
+
+def _sources(matrix: torch.Tensor, old: Sequence[nn.Parameter], row: int) -> tuple[tuple[nn.Parameter, float], ...]:
+    return tuple((old[col], float(matrix[row, col])) for col in range(matrix.shape[1]) if matrix[row, col] != 0)
+
+
 class TimeDependent(nn.Module):
-    """Base class for layers whose listed parameters and buffers carry ``K`` coefficients on dim 0."""
+    """Base class for layers whose tensors are stored as ``K`` pieces.
+
+    Subclasses list the names of their ``nn.ParameterList`` attributes in ``time_parameters`` (an entry may be
+    ``None``, e.g. a missing bias) and those perturbed by refinement noise in ``noisy_parameters``; layers stored
+    otherwise (BatchNorm) override :attr:`n_basis` and :meth:`resample`.
+    """
 
     time_parameters: tuple[str, ...] = ()
-    time_buffers: tuple[str, ...] = ()
-    _slices: dict[str, tuple[torch.Tensor, ...]] | None = None
-
-    def coefficients(self, name: str) -> Coefficients:
-        """The time-dependent parameter ``name``, or its slices while :meth:`sliced` is active."""
-        slices = self._slices
-        return getattr(self, name) if slices is None else slices[name]
-
-    @contextmanager
-    def sliced(self) -> Iterator[None]:
-        """Split every time-dependent parameter into its ``K`` slices once (``unbind(0)``) for the duration.
-
-        A forward pass that reads a parameter's coefficients many times (once per Runge-Kutta stage) then
-        builds one backward node per parameter, which stacks the slices' gradients, instead of one per
-        read, each of which scatters into a zero-filled ``[K, ...]`` tensor. Values are the same either
-        way; gradients too, up to the order in which one coefficient's contributions are summed.
-
-        Example:
-            >>> conv = TimeConv2d(4, 4, n_basis=2)
-            >>> with conv.sliced():
-            ...     len(conv.coefficients("weight"))
-            2
-        """
-        self._slices = {
-            name: tensor.unbind(0) for name in self.time_parameters if (tensor := getattr(self, name)) is not None
-        }
-        try:
-            yield
-        finally:
-            self._slices = None
+    noisy_parameters: tuple[str, ...] = ()
 
     @property
     def n_basis(self) -> int:
-        """Number of basis coefficients ``K``."""
-        return getattr(self, self.time_parameters[0]).shape[0]
+        """Number of pieces ``K``."""
+        return len(getattr(self, self.time_parameters[0]))
 
-    def resample(self, matrix: torch.Tensor) -> ParameterMap:
-        """Map every time-dependent tensor through ``matrix`` ``[K_new, K_old]``.
+    def resample(self, matrix: torch.Tensor) -> ParameterChange:
+        """Replace every piece list by ``matrix @ pieces`` (``matrix`` ``[K_new, K_old]``), as new parameters.
 
-        Parameters are replaced by new ``nn.Parameter`` objects under the same names (so their position
-        in ``parameters()`` is kept); buffers are replaced in place of the old ones.
-
-        Returns:
-            The map from each replaced parameter to its successor and ``matrix``.
+        The new lists take the place of the old ones (same attribute names), so the order of ``parameters()`` is
+        kept up to the number of pieces.
         """
-        replaced: ParameterMap = {}
+        old = tuple(self.parameters())
+        sources: dict[nn.Parameter, tuple[tuple[nn.Parameter, float], ...]] = {}
+        for name in self.time_parameters:
+            pieces = getattr(self, name)
+            if pieces is None:
+                continue
+            tensors = resample_pieces(list(pieces), matrix)
+            new = [nn.Parameter(tensor, requires_grad=pieces[0].requires_grad) for tensor in tensors]
+            sources.update({param: _sources(matrix, pieces, row) for row, param in enumerate(new)})
+            setattr(self, name, nn.ParameterList(new))
+        return ParameterChange(old, tuple(self.parameters()), sources)
+
+    def perturb_(self, noise_std: float, generator: torch.Generator | None = None) -> None:
+        """Multiply every piece of the ``noisy_parameters`` elementwise by ``1 + noise_std * N(0, 1)``."""
         with torch.no_grad():
-            for name in self.time_parameters:
-                old = getattr(self, name)
-                if old is None:
-                    continue
-                new = nn.Parameter(Basis.apply(matrix, old.detach()), requires_grad=old.requires_grad)
-                setattr(self, name, new)
-                replaced[old] = (new, matrix)
-            for name in self.time_buffers:
-                setattr(self, name, Basis.apply(matrix, getattr(self, name)))
-        return replaced
+            for name in self.noisy_parameters:
+                for piece in getattr(self, name) or ():
+                    noise = torch.randn(piece.shape, generator=generator, dtype=torch.float32)
+                    piece.mul_(1.0 + noise_std * noise.to(piece))
+
+
+def _pieces(tensors: Iterator[torch.Tensor] | Sequence[torch.Tensor]) -> nn.ParameterList:
+    return nn.ParameterList(nn.Parameter(tensor) for tensor in tensors)
 
 
 class TimeConv2d(TimeDependent):
-    """A 2D convolution with weights (and optional bias) ``theta(t)``.
+    """A 2D convolution (stride 1, "same" padding) with kernel (and optional bias) ``theta(t)``.
 
     Args:
         in_channels: input channels.
         out_channels: output channels.
-        n_basis: number of basis coefficients ``K``.
-        kernel_size: square kernel size.
+        n_basis: number of pieces ``K``.
+        kernel_size: square kernel size (odd).
+        groups: convolution groups (``in_channels`` for a depthwise convolution).
         bias: add a time-dependent bias.
 
-    Each coefficient is initialised independently like a ResNet convolution (Kaiming normal, fan-out).
+    Each piece is initialised independently like a ResNet convolution (Kaiming normal, fan-out).
+
+    Example:
+        >>> import torch
+        >>> depthwise = TimeConv2d(8, 8, n_basis=1, groups=8)
+        >>> depthwise(torch.randn(2, 8, 5, 5), ((0, 1.0),)).shape
+        torch.Size([2, 8, 5, 5])
     """
 
     time_parameters = ("weight", "bias")
+    noisy_parameters = ("weight", "bias")
 
     def __init__(
-        self, in_channels: int, out_channels: int, *, n_basis: int, kernel_size: int = 3, bias: bool = False
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        n_basis: int,
+        kernel_size: int = 3,
+        groups: int = 1,
+        bias: bool = False,
     ) -> None:
         super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size={kernel_size!r} must be odd (the convolution keeps the spatial size)")
         self.padding = kernel_size // 2
-        self.weight = nn.Parameter(torch.empty(n_basis, out_channels, in_channels, kernel_size, kernel_size))
-        self.bias = nn.Parameter(torch.zeros(n_basis, out_channels)) if bias else None
-        for coeff in self.weight.data:
-            nn.init.kaiming_normal_(coeff, mode="fan_out", nonlinearity="relu")
+        self.groups = groups
+        shape = (out_channels, in_channels // groups, kernel_size, kernel_size)
+        kernels = [torch.empty(shape) for _ in range(n_basis)]
+        for kernel in kernels:
+            nn.init.kaiming_normal_(kernel, mode="fan_out", nonlinearity="relu")
+        self.weight = _pieces(kernels)
+        self.bias = _pieces(torch.zeros(out_channels) for _ in range(n_basis)) if bias else None
 
-    def forward(self, x: torch.Tensor, weights: NodeWeights, gain: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, nodes: NodeWeights, gain: torch.Tensor | None = None) -> torch.Tensor:
         """Convolve with ``theta(t)``; ``gain`` (a scalar) scales the output by scaling the kernel."""
-        weight = at_time(self.coefficients("weight"), weights)
-        bias = None if self.bias is None else at_time(self.coefficients("bias"), weights)
+        weight = at_time(self.weight, nodes)
+        bias = None if self.bias is None else at_time(self.bias, nodes)
         if gain is not None:
             weight = weight * gain
             bias = None if bias is None else bias * gain
-        return F.conv2d(x, weight, bias, padding=self.padding)
-
-    def perturb_(self, noise_std: float, generator: torch.Generator | None = None) -> None:
-        """Multiply every coefficient elementwise by ``1 + noise_std * N(0, 1)`` (refinement noise)."""
-        with torch.no_grad():
-            for tensor in (self.weight, self.bias):
-                if tensor is not None:
-                    noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
-                    tensor.mul_(1.0 + noise_std * noise.to(tensor))
+        return F.conv2d(x, weight, bias, padding=self.padding, groups=self.groups)
 
 
-class TimeBatchNorm2d(TimeDependent):
-    """Batch normalisation with affine parameters and running statistics per basis coefficient.
-
-    With a piecewise-constant basis each piece is an ordinary ``BatchNorm2d``. Where ``theta(t)`` mixes
-    coefficients (linear basis), evaluation uses the mixed statistics and training updates each
-    coefficient's statistics with the momentum scaled by its weight.
+class TimeLinear(TimeDependent):
+    """A linear map ``y = W(t) x + b(t)`` for states ``[..., in_features]``.
 
     Args:
-        num_features: channels.
-        n_basis: number of basis coefficients ``K``.
-        momentum: running-statistics momentum (PyTorch convention: weight of the new batch).
+        in_features: input size.
+        out_features: output size.
+        n_basis: number of pieces ``K``.
+        bias: add a time-dependent bias.
+
+    Pieces are initialised like ``nn.Linear`` (uniform with bound ``1/sqrt(in_features)``), independently.
+
+    Example:
+        >>> import torch
+        >>> TimeLinear(3, 5, n_basis=2)(torch.randn(4, 3), ((0, 0.5), (1, 0.5))).shape
+        torch.Size([4, 5])
+    """
+
+    time_parameters = ("weight", "bias")
+    noisy_parameters = ("weight", "bias")
+
+    def __init__(self, in_features: int, out_features: int, *, n_basis: int, bias: bool = True) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_features)
+        self.weight = _pieces(torch.empty(out_features, in_features).uniform_(-bound, bound) for _ in range(n_basis))
+        self.bias = _pieces(torch.empty(out_features).uniform_(-bound, bound) for _ in range(n_basis)) if bias else None
+
+    def forward(self, x: torch.Tensor, nodes: NodeWeights, gain: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply ``theta(t)``; ``gain`` (a scalar) scales the output by scaling the weights."""
+        weight = at_time(self.weight, nodes)
+        bias = None if self.bias is None else at_time(self.bias, nodes)
+        if gain is not None:
+            weight = weight * gain
+            bias = None if bias is None else bias * gain
+        return F.linear(x, weight, bias)
+
+
+class TimeLayerNorm(TimeDependent):
+    """Layer normalisation over the last dimension with a time-dependent affine map.
+
+    Args:
+        normalized_shape: size of the last dimension.
+        n_basis: number of pieces ``K``.
         eps: added to the variance.
     """
 
     time_parameters = ("weight", "bias")
-    time_buffers = ("running_mean", "running_var")
 
-    def __init__(self, num_features: int, *, n_basis: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
+    def __init__(self, normalized_shape: int, *, n_basis: int, eps: float = 1e-5) -> None:
         super().__init__()
-        self.momentum = momentum
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(n_basis, num_features))
-        self.bias = nn.Parameter(torch.zeros(n_basis, num_features))
-        self.register_buffer("running_mean", torch.zeros(n_basis, num_features))
-        self.register_buffer("running_var", torch.ones(n_basis, num_features))
+        self.weight = _pieces(torch.ones(normalized_shape) for _ in range(n_basis))
+        self.bias = _pieces(torch.zeros(normalized_shape) for _ in range(n_basis))
 
-    def forward(self, x: torch.Tensor, weights: NodeWeights, track_stats: bool = True) -> torch.Tensor:
-        """Normalise with the parameters at the given time.
-
-        Args:
-            x: input ``[B, C, H, W]``.
-            weights: node weights of the current time.
-            track_stats: in training, update the running statistics (off while a checkpointed step is
-                recomputed, so statistics are updated once per forward).
-        """
-        weight = at_time(self.coefficients("weight"), weights)
-        bias = at_time(self.coefficients("bias"), weights)
-        if not self.training:
-            mean = at_time(self.running_mean, weights)
-            var = at_time(self.running_var, weights)
-            return F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
-        if len(weights) == 1:
-            # A recomputed step passes the statistics with momentum 0 (left as they are), so that it saves the
-            # same tensors for backward as the original forward did.
-            index = weights[0][0]
-            momentum = self.momentum if track_stats else 0.0
-            return F.batch_norm(
-                x, self.running_mean[index], self.running_var[index], weight, bias, True, momentum, self.eps
-            )
-        if track_stats:
-            # Updated through ``.data`` so that, like the in-kernel update above, it does not bump the version
-            # of buffers that earlier single-coefficient calls saved for backward.
-            running_mean, running_var = self.running_mean.data, self.running_var.data
-            with torch.no_grad():
-                batch_var, batch_mean = torch.var_mean(x.detach().to(running_mean.dtype), dim=(0, 2, 3), correction=1)
-                for index, share in weights:
-                    running_mean[index].lerp_(batch_mean, self.momentum * share)
-                    running_var[index].lerp_(batch_var, self.momentum * share)
-        return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
-
-    def resample(self, matrix: torch.Tensor) -> ParameterMap:
-        """As :meth:`TimeDependent.resample`; a projected variance is clamped to stay positive."""
-        replaced = super().resample(matrix)
-        self.running_var.clamp_(min=self.eps)
-        return replaced
+    def forward(self, x: torch.Tensor, nodes: NodeWeights) -> torch.Tensor:
+        weight = at_time(self.weight, nodes)
+        return F.layer_norm(x, weight.shape, weight, at_time(self.bias, nodes), self.eps)
 
 
 class TimeGate(TimeDependent):
-    """A scalar gate ``s(t)`` per basis coefficient, initialised to zero ("skip-init").
+    """A scalar gate ``s(t)``, initialised to zero ("skip-init": the residual unit starts switched off).
 
     Args:
-        n_basis: number of basis coefficients ``K``.
+        n_basis: number of pieces ``K``.
     """
 
     time_parameters = ("gate",)
 
     def __init__(self, *, n_basis: int) -> None:
         super().__init__()
-        self.gate = nn.Parameter(torch.zeros(n_basis))
+        self.gate = _pieces(torch.zeros(()) for _ in range(n_basis))
 
-    def forward(self, weights: NodeWeights) -> torch.Tensor:
+    def forward(self, nodes: NodeWeights) -> torch.Tensor:
         """The gate value at the given time."""
-        return at_time(self.coefficients("gate"), weights)
+        return at_time(self.gate, nodes)
+
+
+class _StatisticsSums:
+    """Node-weighted sums of batch means and variances per piece, while statistics are re-estimated."""
+
+    def __init__(self, n_basis: int, num_features: int, device: torch.device) -> None:
+        self.weight = torch.zeros(n_basis, dtype=torch.float64, device=device)
+        self.mean = torch.zeros(n_basis, num_features, dtype=torch.float64, device=device)
+        self.var = torch.zeros(n_basis, num_features, dtype=torch.float64, device=device)
+
+
+class TimeBatchNorm2d(TimeDependent):
+    """Batch normalisation whose affine map and running statistics are functions of depth-time.
+
+    Piece ``k`` is an ordinary ``nn.BatchNorm2d`` (``self.pieces[k]``): with a piecewise-constant basis every
+    call is exactly that BatchNorm, so ``nn.SyncBatchNorm.convert_sync_batchnorm`` converts the pieces (statistics
+    kept) and ``torch.optim.swa_utils.update_bn`` re-estimates them. Where ``theta(t)`` mixes pieces (linear
+    basis), the affine maps and (in evaluation) the running statistics are mixed with the node weights, and
+    training updates each piece's statistics with its momentum scaled by its node weight; there the batch
+    statistics are those of the process (not synchronised).
+
+    Args:
+        num_features: channels.
+        n_basis: number of pieces ``K``.
+        momentum: running-statistics momentum (PyTorch convention: weight of the new batch).
+        eps: added to the variance.
+
+    Example:
+        >>> import torch
+        >>> norm = TimeBatchNorm2d(4, n_basis=2)
+        >>> norm(torch.randn(8, 4, 3, 3), ((0, 1.0),)).shape
+        torch.Size([8, 4, 3, 3])
+        >>> type(norm.pieces[1]).__name__
+        'BatchNorm2d'
+    """
+
+    def __init__(self, num_features: int, *, n_basis: int, momentum: float | None = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.pieces = nn.ModuleList(nn.BatchNorm2d(num_features, eps=eps, momentum=momentum) for _ in range(n_basis))
+        self._sums: _StatisticsSums | None = None
+
+    @property
+    def n_basis(self) -> int:
+        return len(self.pieces)
+
+    def forward(self, x: torch.Tensor, nodes: NodeWeights) -> torch.Tensor:
+        """Normalise with the parameters at the given time."""
+        if len(nodes) == 1 and self._sums is None:
+            return self.pieces[nodes[0][0]](x)
+        pieces = [self.pieces[index] for index, _ in nodes]
+        shares = [share for _, share in nodes]
+        nodes_here = tuple(enumerate(shares))
+        weight = at_time([piece.weight for piece in pieces], nodes_here)
+        bias = at_time([piece.bias for piece in pieces], nodes_here)
+        eps = pieces[0].eps
+        if not self.training:
+            mean = at_time([piece.running_mean for piece in pieces], nodes_here)
+            var = at_time([piece.running_var for piece in pieces], nodes_here)
+            return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+        with torch.no_grad():
+            batch_var, batch_mean = torch.var_mean(x.detach().to(torch.float64), dim=(0, 2, 3), correction=1)
+            if self._sums is not None:
+                for index, share in nodes:
+                    self._sums.weight[index] += share
+                    self._sums.mean[index] += share * batch_mean
+                    self._sums.var[index] += share * batch_var
+            else:
+                for piece, share in zip(pieces, shares):
+                    _update_running_statistics(piece, batch_mean, batch_var, share)
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+
+    @contextmanager
+    def estimating_statistics(self) -> Iterator[None]:
+        """Re-estimate the running statistics from the training-mode calls made inside the block.
+
+        Every call adds its batch mean and (unbiased) variance to each piece it reads, weighted by the node
+        weight; on a normal exit each piece that was read gets the weighted average of what reached it (the
+        others keep theirs). Used by :func:`lightning_cnet.recalibrate_bn`.
+        """
+        self._sums = _StatisticsSums(self.n_basis, self.num_features, self.pieces[0].running_mean.device)
+        try:
+            yield
+            sums = self._sums
+            with torch.no_grad():
+                for index, piece in enumerate(self.pieces):
+                    if sums.weight[index] > 0:
+                        piece.running_mean.copy_(sums.mean[index] / sums.weight[index])
+                        piece.running_var.copy_(sums.var[index] / sums.weight[index])
+        finally:
+            self._sums = None
+
+    def resample(self, matrix: torch.Tensor) -> ParameterChange:
+        """Build ``K_new`` BatchNorms (of the pieces' class) whose affine maps and statistics are ``matrix @ pieces``;
+        a mapped variance is clamped to stay positive."""
+        old_pieces = list(self.pieces)
+        old = tuple(self.parameters())
+        template = old_pieces[0]
+        values = {
+            name: resample_pieces([getattr(piece, name) for piece in old_pieces], matrix)
+            for name in ("weight", "bias", "running_mean", "running_var")
+        }
+        sources: dict[nn.Parameter, tuple[tuple[nn.Parameter, float], ...]] = {}
+        new_pieces = []
+        for row in range(matrix.shape[0]):
+            piece = _empty_like(template)
+            with torch.no_grad():
+                for name in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(piece, name).copy_(values[name][row])
+                piece.running_var.clamp_(min=piece.eps)
+                counts = [old_pieces[col].num_batches_tracked for col in range(matrix.shape[1]) if matrix[row, col]]
+                piece.num_batches_tracked.copy_(max(counts))
+            for name in ("weight", "bias"):
+                sources[getattr(piece, name)] = _sources(matrix, [getattr(p, name) for p in old_pieces], row)
+            new_pieces.append(piece)
+        self.pieces = nn.ModuleList(new_pieces)
+        return ParameterChange(old, tuple(self.parameters()), sources)
+
+
+def _update_running_statistics(
+    norm: nn.modules.batchnorm._BatchNorm, batch_mean: torch.Tensor, batch_var: torch.Tensor, share: float
+) -> None:
+    """Move a BatchNorm's running statistics towards a batch's by its momentum times ``share``.
+
+    With ``momentum=None`` (a cumulative average, as ``torch.optim.swa_utils.update_bn`` sets) each call counts as
+    one batch. Updated through ``.data``, so that, like the in-kernel update of a plain BatchNorm call, it does not
+    bump the version of buffers an earlier call saved for backward.
+    """
+    if norm.momentum is None:
+        norm.num_batches_tracked.data.add_(1)
+        factor = share / float(norm.num_batches_tracked)
+    else:
+        factor = norm.momentum * share
+    norm.running_mean.data.lerp_(batch_mean.to(norm.running_mean.dtype), factor)
+    norm.running_var.data.lerp_(batch_var.to(norm.running_var.dtype), factor)
+
+
+def _empty_like(norm: nn.modules.batchnorm._BatchNorm) -> nn.modules.batchnorm._BatchNorm:
+    """A new BatchNorm of the same class, options, device, dtype and mode (a SyncBatchNorm keeps its group)."""
+    options = {"eps": norm.eps, "momentum": norm.momentum, "affine": norm.affine,
+               "track_running_stats": norm.track_running_stats}
+    if isinstance(norm, nn.SyncBatchNorm):
+        options["process_group"] = norm.process_group
+    piece = type(norm)(norm.num_features, **options)
+    piece.to(device=norm.running_mean.device, dtype=norm.running_mean.dtype)
+    return piece.train(norm.training)

@@ -21,8 +21,7 @@ Example:
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,9 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_cnet.layers import ParameterMap
+from lightning_cnet._transaction import restored_on_error
 from lightning_cnet.integrators import get_scheme, validate_n_steps
-from lightning_cnet.ode_block import BlockChange, ODEBlock, StageResolution
+from lightning_cnet.layers import ParameterChange
+from lightning_cnet.ode_block import BlockChange, ODEBlock, StageResolution, check_noise_std
+from lightning_cnet.registry import Registry
+from lightning_cnet.units import UnitFactory
 
 PerStage = int | Sequence[int] | None
 
@@ -46,14 +48,14 @@ class ResolutionChange:
         after: per-stage resolution after.
         parameters_before: number of parameters before.
         parameters_after: number of parameters after.
-        parameter_map: replaced parameter -> (successor, coefficient map ``[K_new, K_old]``).
+        parameter_changes: per time-dependent layer, which new parameters replaced which old ones.
     """
 
     before: tuple[StageResolution, ...]
     after: tuple[StageResolution, ...]
     parameters_before: int
     parameters_after: int
-    parameter_map: ParameterMap = field(repr=False)
+    parameter_changes: tuple[ParameterChange, ...] = field(repr=False)
 
     def __str__(self) -> str:
         def joined(resolutions: tuple[StageResolution, ...], name: str) -> str:
@@ -110,11 +112,13 @@ class ContinuousNet(nn.Module):
         n_steps: integration steps per stage (one value, or one per stage).
         n_basis: basis coefficients per stage (default: ``n_steps``).
         basis: ``"piecewise_constant"`` or ``"piecewise_linear"``.
-        T: physical depth per stage (default: ``n_steps``, so Euler steps are ``x + R(x)``).
+        T: physical depth per stage (default: ``n_steps``, so Euler steps are ``x + R(x)``; for a model refined
+            during training, give the step count of the final model).
+        unit: the residual unit of every stage: a registered name (``"preact_basic"``, ``"bottleneck"``, see
+            :func:`~lightning_cnet.units.list_units`), a unit class or a factory.
+        unit_kwargs: keyword arguments of the unit (e.g. ``{"bias": True, "bn_momentum": 0.05}``).
         skip_init: gate each residual unit by ``s(t)`` initialised to zero.
-        bias: time-dependent convolution biases.
-        bn_momentum: BatchNorm momentum inside the ODE stages.
-        checkpoint_steps: recompute each step's activations in backward to save memory.
+        recompute_steps: recompute each step's activations in backward to save memory.
 
     Example:
         >>> net = ContinuousNet((8, 16), in_chans=1, num_classes=10, scheme="midpoint", n_steps=2)
@@ -133,10 +137,10 @@ class ContinuousNet(nn.Module):
         n_basis: PerStage = None,
         basis: str = "piecewise_constant",
         T: float | Sequence[float] | None = None,
+        unit: str | UnitFactory = "preact_basic",
+        unit_kwargs: dict[str, Any] | None = None,
         skip_init: bool = True,
-        bias: bool = False,
-        bn_momentum: float = 0.1,
-        checkpoint_steps: bool = False,
+        recompute_steps: bool = False,
     ) -> None:
         super().__init__()
         widths = list(widths)
@@ -150,8 +154,8 @@ class ContinuousNet(nn.Module):
         self.stem = nn.Conv2d(in_chans, widths[0], 3, padding=1, bias=False)
         self.stages = nn.ModuleList(
             ODEBlock(
-                width, n_basis=k, n_steps=n, scheme=scheme, basis=basis, T=t, skip_init=skip_init, bias=bias,
-                bn_momentum=bn_momentum, checkpoint_steps=checkpoint_steps,
+                width, unit=unit, unit_kwargs=unit_kwargs, n_basis=k, n_steps=n, scheme=scheme, basis=basis, T=t,
+                skip_init=skip_init, recompute_steps=recompute_steps,
             )
             for width, n, k, t in zip(widths, steps, pieces, depths)
         )
@@ -164,7 +168,7 @@ class ContinuousNet(nn.Module):
             {"num_chs": width, "reduction": 2**index, "module": f"stages.{index}"}
             for index, width in enumerate(widths)
         ]
-        self.register_load_state_dict_pre_hook(_match_checkpoint_resolution)
+        self.register_load_state_dict_pre_hook(_check_stage_resolutions)
 
     # ------------------------------------------------------------------ forward
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -207,6 +211,11 @@ class ContinuousNet(nn.Module):
     def resolution(self) -> tuple[StageResolution, ...]:
         """Per-stage representation and manifestation."""
         return tuple(stage.resolution for stage in self.stages)
+
+    @property
+    def stage_resolutions(self) -> tuple[StageResolution, ...]:
+        """Per-stage resolution (the same as :attr:`resolution`; :class:`ODEBlock` has it too)."""
+        return self.resolution
 
     @property
     def function_evaluations(self) -> int:
@@ -259,8 +268,7 @@ class ContinuousNet(nn.Module):
             noise_std: multiply the refined convolution coefficients by ``1 + noise_std * N(0, 1)``.
             generator: random generator for the noise.
         """
-        if noise_std < 0:
-            raise ValueError(f"noise_std={noise_std!r} is not valid: expected a value >= 0")
+        check_noise_std(noise_std)
         parameters_before = self._count_parameters()
         changes = [stage.refine(noise_std=noise_std, generator=generator) for stage in self.stages]
         return self._report(changes, parameters_before)
@@ -285,71 +293,62 @@ class ContinuousNet(nn.Module):
         changes = [stage.compress(n_basis=k, n_steps=n) for stage, k, n in zip(self.stages, pieces, steps)]
         return self._report(changes, parameters_before)
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, all or nothing: a failed load leaves the model exactly as it was.
+
+        A state dict of a finer model (refined during training) is loaded into a freshly built coarse one: every
+        stage's stored resolution is checked first, then the stages are refined to it, then the tensors copied.
+        """
+        with restored_on_error(self):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def _count_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     def _report(self, block_changes: list[BlockChange], parameters_before: int) -> ResolutionChange:
-        parameter_map: ParameterMap = {}
-        for block_change in block_changes:
-            parameter_map.update(block_change.parameter_map)
         return ResolutionChange(
             before=tuple(c.before for c in block_changes),
             after=tuple(c.after for c in block_changes),
             parameters_before=parameters_before,
             parameters_after=self._count_parameters(),
-            parameter_map=parameter_map,
+            parameter_changes=tuple(change for c in block_changes for change in c.parameter_changes),
         )
 
-    def pop_load_refinements(self) -> ParameterMap:
-        """Parameter maps of refinements made while loading a finer checkpoint, cleared once read.
 
-        An optimizer built before the load still holds the coarse tensors; this map says which new
-        tensor replaced each of them.
-        """
-        parameter_map: ParameterMap = {}
-        for stage in self.stages:
-            for block_change in stage.load_refinements:
-                parameter_map.update(block_change.parameter_map)
-            stage.load_refinements.clear()
-        return _compose(parameter_map)
-
-
-def _compose(parameter_map: ParameterMap) -> ParameterMap:
-    """Follow chains ``a -> b -> c`` of successive refinements so that every old tensor maps to its
-    final successor with the product of the coefficient maps."""
-    successors = {new for new, _ in parameter_map.values()}
-    composed: ParameterMap = {}
-    for old, (new, matrix) in parameter_map.items():
-        if old in successors:
-            continue
-        while new in parameter_map:
-            new, step = parameter_map[new]
-            matrix = step @ matrix
-        composed[old] = (new, matrix)
-    return composed
-
-
-def _match_checkpoint_resolution(model: ContinuousNet, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """Load pre-hook: check every stage can reach the checkpoint's resolution, then refine them all."""
-    counts = [stage.pending_refinements(state_dict, f"{prefix}stages.{i}.") for i, stage in enumerate(model.stages)]
-    for stage, count in zip(model.stages, counts):
-        for _ in range(count):
-            stage.load_refinements.append(stage.refine())
+def _check_stage_resolutions(model: ContinuousNet, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load pre-hook: check the stored resolution of every stage before any stage changes (each stage then takes
+    its own in its pre-hook)."""
+    for index, stage in enumerate(model.stages):
+        stage.checkpoint_resolution(state_dict, f"{prefix}stages.{index}.")
 
 
 # ---------------------------------------------------------------------- registry and builders
-_MODELS: dict[str, Callable[..., ContinuousNet]] = {}
+MODELS: Registry[Callable[..., ContinuousNet]] = Registry("model")
+"""The registered model builders."""
 
 
-def register_model(builder: Callable[..., ContinuousNet]) -> Callable[..., ContinuousNet]:
-    """Add a builder to the registry under its function name."""
-    _MODELS[builder.__name__] = builder
-    return builder
+def register_model(
+    builder: Callable[..., ContinuousNet] | None = None, *, name: str | None = None, overwrite: bool = False
+) -> Any:
+    """Register a model builder, under its function name unless ``name`` is given; usable as a decorator.
+
+    Example:
+        >>> @register_model(name="cnet_tiny")
+        ... def tiny(**kwargs):
+        ...     return ContinuousNet((4, 8), **kwargs)
+        >>> "cnet_tiny" in list_models("cnet_t*")
+        True
+    """
+
+    def add(function: Callable[..., ContinuousNet]) -> Callable[..., ContinuousNet]:
+        return MODELS.register(name or function.__name__, function, overwrite=overwrite)
+
+    return add if builder is None else add(builder)
 
 
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching a shell-style ``pattern``."""
-    return sorted(name for name in _MODELS if fnmatch.fnmatch(name, pattern))
+    return MODELS.names(pattern)
 
 
 def get_model(name: str, **kwargs: Any) -> ContinuousNet:
@@ -358,11 +357,7 @@ def get_model(name: str, **kwargs: Any) -> ContinuousNet:
     Raises:
         ValueError: unknown name; the message lists the registered ones.
     """
-    try:
-        builder = _MODELS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"model {name!r} is not known: expected one of {list_models()}") from None
-    return builder(**kwargs)
+    return MODELS.get(name)(**kwargs)
 
 
 def _build(widths: tuple[int, ...], weights: None, defaults: dict[str, Any], kwargs: dict[str, Any]) -> ContinuousNet:

@@ -1,13 +1,17 @@
-"""The continuous-in-depth residual stage: ``dx/dt = T * R(x; theta(t))`` on ``t in [0, 1]``.
+"""The continuous-in-depth stage: ``dx/dt = T * s(t) * R(x; theta(t))`` on ``t in [0, 1]``.
 
-``R`` is a pre-activation residual unit ``BN -> ReLU -> Conv3x3 -> BN -> ReLU -> Conv3x3``, optionally
-times a skip-init gate ``s(t)``. Every parameter of ``R`` (and the BatchNorm running statistics) is a
-function of depth-time in a :mod:`~lightning_cnet.bases` basis of ``n_basis`` coefficients. The block is
-integrated with ``n_steps`` steps of an explicit Runge-Kutta ``scheme``; ``T`` is the physical depth.
-Scheme and step count can change after training (a different *manifestation* of the same model).
+``R`` is any residual unit (:mod:`lightning_cnet.units`; default: the pre-activation basic unit), ``s(t)`` an
+optional skip-init gate. Every parameter of ``R`` and of the gate (and the BatchNorm running statistics) is a
+function of depth-time in a :mod:`~lightning_cnet.bases` basis of ``n_basis`` pieces. The stage is integrated
+with ``n_steps`` steps of an explicit Runge-Kutta ``scheme``; ``T`` is the physical depth. Scheme and step count
+can change after training (a different *manifestation* of the same model).
 
-Euler with a piecewise-constant basis, ``n_basis = n_steps = T = N`` is exactly a ResNet stage of ``N``
-pre-activation basic blocks.
+Euler with a piecewise-constant basis and ``n_basis = n_steps = T = N`` is exactly a ResNet stage of ``N``
+blocks of the unit.
+
+The stage's resolution (``n_basis``, ``n_steps``, ``scheme``, ``basis``, ``T``) travels in its state dict as
+tensors (``resolution.*``); loading a state dict of a finer stage refines this one first, after checking every
+entry, so a freshly built coarse model loads a refined checkpoint.
 
 Example:
     >>> import torch
@@ -16,25 +20,35 @@ Example:
     torch.Size([2, 8, 6, 6])
     >>> block.refine().after
     StageResolution(n_basis=4, n_steps=4, scheme='rk4', basis='piecewise_constant', T=2.0)
+    >>> vector_field = ODEBlock(2, unit="mlp", unit_kwargs={"hidden": 16}, n_steps=4, T=1.0, skip_init=False)
+    >>> vector_field(torch.randn(5, 2)).shape
+    torch.Size([5, 2])
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
 from lightning_cnet.bases import Basis, NodeWeights, get_basis
-from lightning_cnet.integrators import ButcherTableau, get_scheme, rk_integrate, validate_n_steps
-from lightning_cnet.layers import ParameterMap, TimeBatchNorm2d, TimeConv2d, TimeDependent, TimeGate
+from lightning_cnet.integrators import SCHEMES, ButcherTableau, get_scheme, rk_integrate, validate_n_steps
+from lightning_cnet.layers import ParameterChange, TimeDependent, TimeGate
+from lightning_cnet.units import UnitFactory, build_unit
 
-StagePlan = tuple[tuple[NodeWeights, ...], ...]
+RKStagePlan = tuple[tuple[NodeWeights, ...], ...]
+"""Per integration step, the node weights read by each Runge-Kutta stage."""
+
+RESOLUTION_PREFIX = "resolution."
+"""State-dict keys of a stage's resolution: ``<stage>.resolution.{n_basis, n_steps, T, scheme, basis}``."""
 
 
 @dataclass(frozen=True)
@@ -48,27 +62,27 @@ class StageResolution:
     T: float
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class BlockChange:
-    """What a change of resolution did to one block.
+    """What a change of resolution did to one stage.
 
     Attributes:
         before: resolution before.
         after: resolution after.
-        parameter_map: each replaced parameter -> (its successor, coefficient map ``[K_new, K_old]``);
-            optimizers use it to carry their state over.
+        parameter_changes: per time-dependent layer, which new parameters replaced which old ones (optimizers use
+            it to carry their state over).
     """
 
     before: StageResolution
     after: StageResolution
-    parameter_map: ParameterMap
+    parameter_changes: tuple[ParameterChange, ...]
 
 
-def stage_plan(basis: Basis, n_basis: int, tableau: ButcherTableau, n_steps: int) -> StagePlan:
-    """Which coefficients every Runge-Kutta stage reads, computed exactly.
+def rk_stage_plan(basis: Basis, n_basis: int, tableau: ButcherTableau, n_steps: int) -> RKStagePlan:
+    """Which pieces every Runge-Kutta stage reads, computed exactly.
 
-    Stage ``j`` of step ``i`` sits at ``t = (i + c_j) / n_steps``. A stage at the end of its step
-    (``c_j = 1``) takes the left limit, so it reads the piece of its own step (the open-interval rule).
+    RK stage ``j`` of step ``i`` sits at ``t = (i + c_j) / n_steps``. A stage at the end of its step (``c_j = 1``)
+    takes the left limit, so it reads the piece its step ends in (the open-interval rule).
     """
     return tuple(
         tuple(
@@ -79,49 +93,67 @@ def stage_plan(basis: Basis, n_basis: int, tableau: ButcherTableau, n_steps: int
     )
 
 
-class _Recomputing:
-    """Marks a block while a checkpointed step is recomputed in the backward pass."""
+class _FrozenStatistics:
+    """While a step is recomputed for backward, leave the BatchNorm running statistics as the forward left them."""
 
     def __init__(self, block: ODEBlock) -> None:
-        self.block = block
+        self.norms = [m for m in block.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+        self.saved: list[tuple[float | None, torch.Tensor | None]] = []
 
     def __enter__(self) -> None:
-        self.block._recomputing = True
+        self.saved = [(norm.momentum, _clone(norm.num_batches_tracked)) for norm in self.norms]
+        for norm in self.norms:
+            norm.momentum = 0.0
 
     def __exit__(self, *exc: object) -> None:
-        self.block._recomputing = False
+        for norm, (momentum, count) in zip(self.norms, self.saved):
+            norm.momentum = momentum
+            if count is not None:
+                norm.num_batches_tracked.copy_(count)
+
+
+def _clone(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.clone()
 
 
 class ODEBlock(nn.Module):
-    """A ContinuousNet stage of constant width.
+    """A ContinuousNet stage of constant width: an ODE in depth whose right-hand side is a residual unit.
 
     Args:
-        channels: width of the stage.
-        n_basis: number of basis coefficients ``K`` of every parameter.
+        width: channels (image states ``[B, C, H, W]``) or features (vector states ``[B, D]``) of the state.
+        unit: the residual unit: a registered name (:func:`~lightning_cnet.units.list_units`), a unit class or a
+            factory ``factory(width, *, n_basis, **unit_kwargs)``.
+        unit_kwargs: keyword arguments of the unit (e.g. ``{"bias": True}``, ``{"hidden": 50}``).
+        n_basis: number of pieces ``K`` of every time-dependent parameter.
         n_steps: number of integration steps ``N`` (default: ``n_basis``).
         scheme: a registered Runge-Kutta scheme (see :func:`~lightning_cnet.integrators.list_schemes`).
-        basis: ``"piecewise_constant"`` or ``"piecewise_linear"``.
-        T: physical depth of the stage (default: ``n_steps``, so that each Euler step is ``x + R(x)``).
-        skip_init: multiply ``R`` by a gate ``s(t)`` initialised to zero (the block starts as the identity).
-        bias: give the convolutions time-dependent biases.
-        bn_momentum: momentum of the BatchNorm running statistics.
-        checkpoint_steps: in training, recompute each step's activations in the backward pass instead of
-            storing them (memory O(1) in the step count for the cost of one more forward).
+        basis: ``"piecewise_constant"`` or ``"piecewise_linear"`` (or a registered basis).
+        T: physical depth of the stage (default: ``n_steps``, so that each Euler step is ``x + R(x)``). When the
+            stage is refined during training, set it to the step count of the final model.
+        skip_init: multiply ``R`` by a gate ``s(t)`` initialised to zero (the stage starts as the identity).
+        recompute_steps: in training, recompute each step's activations in the backward pass instead of storing
+            them (memory O(1) in the step count for the cost of one more forward).
+
+    Example:
+        >>> import torch
+        >>> stage = ODEBlock(16, unit="bottleneck", n_basis=4, scheme="midpoint", T=4.0)
+        >>> stage.function_evaluations
+        8
     """
 
     def __init__(
         self,
-        channels: int,
+        width: int,
         *,
+        unit: str | UnitFactory = "preact_basic",
+        unit_kwargs: dict[str, Any] | None = None,
         n_basis: int = 1,
         n_steps: int | None = None,
         scheme: str = "euler",
         basis: str = "piecewise_constant",
         T: float | None = None,
         skip_init: bool = True,
-        bias: bool = False,
-        bn_momentum: float = 0.1,
-        checkpoint_steps: bool = False,
+        recompute_steps: bool = False,
     ) -> None:
         super().__init__()
         self.basis = get_basis(basis)
@@ -130,25 +162,19 @@ class ODEBlock(nn.Module):
         validate_n_steps(n_steps)
         self.tableau = get_scheme(scheme)
         self.n_steps = n_steps
-        self.T = float(n_steps if T is None else T)
-        if self.T <= 0:
-            raise ValueError(f"T={T!r} is not valid: expected a positive physical depth")
-        self.checkpoint_steps = checkpoint_steps
-        self._recomputing = False
-        self.norm1 = TimeBatchNorm2d(channels, n_basis=n_basis, momentum=bn_momentum)
-        self.conv1 = TimeConv2d(channels, channels, n_basis=n_basis, bias=bias)
-        self.norm2 = TimeBatchNorm2d(channels, n_basis=n_basis, momentum=bn_momentum)
-        self.conv2 = TimeConv2d(channels, channels, n_basis=n_basis, bias=bias)
+        self.T = _checked_depth(float(n_steps) if T is None else T)
+        self.recompute_steps = recompute_steps
+        self.unit = build_unit(unit, width, n_basis, unit_kwargs)
         self.gate = TimeGate(n_basis=n_basis) if skip_init else None
-        self.load_refinements: list[BlockChange] = []
         self._update_plan()
-        self.register_load_state_dict_pre_hook(_match_checkpoint_resolution)
+        self.register_state_dict_post_hook(_save_resolution)
+        self.register_load_state_dict_pre_hook(_load_resolution)
 
     # ------------------------------------------------------------------ resolution
     @property
     def n_basis(self) -> int:
-        """Number of basis coefficients ``K``."""
-        return self.conv1.n_basis
+        """Number of pieces ``K``."""
+        return next(self.time_layers()).n_basis
 
     @property
     def scheme(self) -> str:
@@ -161,15 +187,20 @@ class ODEBlock(nn.Module):
         return StageResolution(self.n_basis, self.n_steps, self.scheme, self.basis.name, self.T)
 
     @property
+    def stage_resolutions(self) -> tuple[StageResolution, ...]:
+        """``(resolution,)``: the per-stage view shared with :class:`~lightning_cnet.models.ContinuousNet`."""
+        return (self.resolution,)
+
+    @property
     def function_evaluations(self) -> int:
         """Evaluations of ``R`` per forward pass."""
         return self.n_steps * self.tableau.n_stages
 
     def time_layers(self) -> Iterator[TimeDependent]:
-        """The layers whose tensors carry basis coefficients."""
-        return (module for module in self.children() if isinstance(module, TimeDependent))
+        """The layers whose tensors are stored as pieces (the unit's and the gate), in module order."""
+        return (module for module in self.modules() if isinstance(module, TimeDependent))
 
-    def set_manifestation(self, *, scheme: str | None = None, n_steps: int | None = None) -> None:
+    def set_manifestation(self, *, scheme: str | ButcherTableau | None = None, n_steps: int | None = None) -> None:
         """Integrate with another scheme and/or step count from now on; the weights are untouched.
 
         Raises:
@@ -196,20 +227,19 @@ class ODEBlock(nn.Module):
     def refine(self, *, noise_std: float = 0.0, generator: torch.Generator | None = None) -> BlockChange:
         """Double the time resolution in place: ``K -> K'`` (``2K``, or ``2K - 1`` for linear), ``N -> 2N``.
 
-        ``theta(t)`` is unchanged as a function and ``T`` is kept, so the output changes only through the
-        finer step (unless ``noise_std > 0`` multiplies the convolution coefficients by
-        ``1 + noise_std * N(0, 1)``).
+        ``theta(t)`` is unchanged as a function and ``T`` is kept, so the output changes only through the finer
+        step, unless ``noise_std > 0`` multiplies the pieces of the unit's convolutions and linear maps by
+        ``1 + noise_std * N(0, 1)`` (BatchNorm, LayerNorm and the gate are not perturbed).
         """
-        if noise_std < 0:
-            raise ValueError(f"noise_std={noise_std!r} is not valid: expected a value >= 0")
+        check_noise_std(noise_std)
         before = self.resolution
-        parameter_map = self._resample(self.basis.refinement_matrix(self.n_basis))
+        changes = self._resample(self.basis.refinement_matrix(self.n_basis))
         if noise_std > 0:
-            self.conv1.perturb_(noise_std, generator)
-            self.conv2.perturb_(noise_std, generator)
+            for layer in self.time_layers():
+                layer.perturb_(noise_std, generator)
         self.n_steps *= 2
         self._update_plan()
-        return BlockChange(before, self.resolution, parameter_map)
+        return BlockChange(before, self.resolution, changes)
 
     def check_compress(self, n_basis: int | None, n_steps: int | None) -> None:
         """Raise ``ValueError`` if :meth:`compress` would refuse these arguments."""
@@ -225,46 +255,31 @@ class ODEBlock(nn.Module):
             validate_n_steps(n_steps)
 
     def compress(self, *, n_basis: int | None = None, n_steps: int | None = None) -> BlockChange:
-        """L2-project ``theta(t)`` (weights and BatchNorm statistics) onto ``n_basis`` coefficients and/or
-        integrate with ``n_steps`` steps, in place, without data.
+        """L2-project ``theta(t)`` (weights and BatchNorm statistics) onto ``n_basis`` pieces and/or integrate with
+        ``n_steps`` steps, in place, without data.
 
         Raises:
             ValueError: a finer or invalid ``n_basis``, or ``n_steps < 1``; nothing is changed.
         """
         self.check_compress(n_basis, n_steps)
         before = self.resolution
-        parameter_map: ParameterMap = {}
+        changes: tuple[ParameterChange, ...] = ()
         if n_basis is not None and n_basis != self.n_basis:
-            parameter_map = self._resample(self.basis.projection_matrix(self.n_basis, n_basis))
+            changes = self._resample(self.basis.projection_matrix(self.n_basis, n_basis))
         if n_steps is not None:
             self.n_steps = n_steps
         self._update_plan()
-        return BlockChange(before, self.resolution, parameter_map)
+        return BlockChange(before, self.resolution, changes)
 
-    def _resample(self, matrix: torch.Tensor) -> ParameterMap:
-        parameter_map: ParameterMap = {}
-        for layer in self.time_layers():
-            parameter_map.update(layer.resample(matrix))
-        return parameter_map
+    def _resample(self, matrix: torch.Tensor) -> tuple[ParameterChange, ...]:
+        return tuple(layer.resample(matrix) for layer in list(self.time_layers()))
 
     def _update_plan(self) -> None:
-        self._plan: StagePlan = stage_plan(self.basis, self.n_basis, self.tableau, self.n_steps)
+        self._plan: RKStagePlan = rk_stage_plan(self.basis, self.n_basis, self.tableau, self.n_steps)
 
     # ------------------------------------------------------------------ checkpoints
-    def get_extra_state(self) -> dict[str, Any]:
-        """The resolution, saved in the state dict next to the tensors."""
-        resolution = self.resolution
-        return {"n_basis": resolution.n_basis, "n_steps": resolution.n_steps, "scheme": resolution.scheme,
-                "basis": resolution.basis, "T": resolution.T}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore the manifestation and ``T`` saved by :meth:`get_extra_state`."""
-        self._check_same_basis(state)
-        self.set_manifestation(scheme=state.get("scheme"), n_steps=state.get("n_steps"))
-        self.T = float(state.get("T", self.T))
-
     def refinements_to_match(self, n_basis: int) -> int:
-        """How many refinements take this block to ``n_basis`` coefficients.
+        """How many refinements take this stage to ``n_basis`` pieces.
 
         Raises:
             ValueError: ``n_basis`` cannot be reached by refining the current basis.
@@ -281,50 +296,126 @@ class ODEBlock(nn.Module):
             f"n_basis={n_basis}"
         )
 
-    def pending_refinements(self, state_dict: dict[str, Any], prefix: str) -> int:
-        """Refinements needed before ``state_dict`` (at ``prefix``) fits; 0 if it holds no such stage."""
-        self._check_same_basis(state_dict.get(prefix + "_extra_state") or {})
-        weight = state_dict.get(prefix + "conv1.weight")
-        return 0 if weight is None else self.refinements_to_match(weight.shape[0])
+    def checkpoint_resolution(self, state_dict: dict[str, Any], prefix: str) -> StageResolution | None:
+        """The resolution a state dict stores for this stage (at ``prefix``), checked; ``None`` if it stores none.
 
-    def _check_same_basis(self, state: dict[str, Any]) -> None:
-        if state.get("basis", self.basis.name) != self.basis.name:
+        Raises:
+            ValueError: an entry is missing, malformed or out of range (``T`` not finite and positive, ``n_steps``
+                not an integer >= 1, an unregistered scheme, another basis, an ``n_basis`` refinement cannot reach).
+        """
+        keys = {name: prefix + RESOLUTION_PREFIX + name for name in ("n_basis", "n_steps", "T", "scheme", "basis")}
+        present = {name: state_dict[key] for name, key in keys.items() if key in state_dict}
+        if not present:
+            return None
+        where = f"the checkpoint's stage {prefix.rstrip('.') or '(root)'}"
+        if missing := sorted(keys.keys() - present.keys()):
+            raise ValueError(f"{where} lacks {', '.join(keys[name] for name in missing)}")
+        basis, scheme = (_decode_name(present[name], keys[name]) for name in ("basis", "scheme"))
+        n_basis, n_steps = (_integer(present[name], keys[name]) for name in ("n_basis", "n_steps"))
+        depth = _real(present["T"], keys["T"])
+        if basis != self.basis.name:
             raise ValueError(
-                f"the checkpoint's stage uses basis={state['basis']!r} but this model uses {self.basis.name!r}; "
-                f"build the model with basis={state['basis']!r}"
+                f"{where} uses basis={basis!r} but this model uses {self.basis.name!r}; build the model with "
+                f"basis={basis!r}"
             )
+        if scheme not in SCHEMES:
+            raise ValueError(f"{where} uses scheme={scheme!r}, which is not registered: expected one of "
+                             f"{SCHEMES.names()}")
+        if n_steps < 1:
+            raise ValueError(f"{where} has n_steps={n_steps}: expected an integer >= 1")
+        if not (math.isfinite(depth) and depth > 0):
+            raise ValueError(f"{where} has T={depth}: expected a finite positive physical depth")
+        self.refinements_to_match(n_basis)
+        return StageResolution(n_basis, n_steps, scheme, basis, depth)
+
+    def load_resolution(self, resolution: StageResolution) -> None:
+        """Take a (checked) stored resolution: refine to its ``n_basis``, take its manifestation and ``T``."""
+        for _ in range(self.refinements_to_match(resolution.n_basis)):
+            self.refine()
+        self.set_manifestation(scheme=resolution.scheme, n_steps=resolution.n_steps)
+        self.T = resolution.T
 
     # ------------------------------------------------------------------ forward
-    def _rate(self, weights: NodeWeights, x: torch.Tensor) -> torch.Tensor:
-        track_stats = not self._recomputing
-        y = torch.relu_(self.norm1(x, weights, track_stats))
-        y = self.conv1(y, weights)
-        y = torch.relu_(self.norm2(y, weights, track_stats))
-        return self.conv2(y, weights, None if self.gate is None else self.gate(weights))
+    def _rate(self, nodes: NodeWeights, x: torch.Tensor) -> torch.Tensor:
+        return self.unit(x, nodes, None if self.gate is None else self.gate(nodes))
 
     def _step(self, x: torch.Tensor, step_plan: tuple[NodeWeights, ...]) -> torch.Tensor:
         return rk_integrate(self._rate, x, self.tableau, self.T / self.n_steps, (step_plan,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Integrate the stage from ``t = 0`` to ``t = 1``."""
-        if self.checkpoint_steps and self.training and torch.is_grad_enabled():
+        if self.recompute_steps and self.training and torch.is_grad_enabled():
             for step_plan in self._plan:
                 x = checkpoint(
                     self._step, x, step_plan, use_reentrant=False,
-                    context_fn=lambda: (nullcontext(), _Recomputing(self)),
+                    context_fn=lambda: (nullcontext(), _FrozenStatistics(self)),
                 )
             return x
-        with ExitStack() as stack:
-            for layer in self.time_layers():
-                stack.enter_context(layer.sliced())
-            return rk_integrate(self._rate, x, self.tableau, self.T / self.n_steps, self._plan)
+        return rk_integrate(self._rate, x, self.tableau, self.T / self.n_steps, self._plan)
 
     def extra_repr(self) -> str:
         r = self.resolution
         return f"n_basis={r.n_basis}, n_steps={r.n_steps}, scheme={r.scheme!r}, basis={r.basis!r}, T={r.T}"
 
 
-def _match_checkpoint_resolution(module: ODEBlock, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """Load pre-hook: refine a freshly built block until its tensors have the checkpoint's shapes."""
-    for _ in range(module.pending_refinements(state_dict, prefix)):
-        module.load_refinements.append(module.refine())
+def check_noise_std(noise_std: float) -> None:
+    """Raise ``ValueError`` unless ``noise_std`` is a finite number >= 0."""
+    if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) or not 0 <= noise_std < math.inf:
+        raise ValueError(f"noise_std={noise_std!r} is not valid: expected a finite number >= 0 (the paper used 0.1)")
+
+
+def _checked_depth(depth: float) -> float:
+    if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not (math.isfinite(depth) and depth > 0):
+        raise ValueError(f"T={depth!r} is not valid: expected a finite positive physical depth")
+    return float(depth)
+
+
+def _encode_name(name: str) -> torch.Tensor:
+    return torch.tensor(list(name.encode("utf-8")), dtype=torch.uint8)
+
+
+def _decode_name(value: Any, key: str) -> str:
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1:
+        raise ValueError(f"{key} must be a 1-D uint8 tensor holding a name, got {_describe(value)}")
+    try:
+        return bytes(value.tolist()).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{key} does not hold a UTF-8 name") from None
+
+
+def _integer(value: Any, key: str) -> int:
+    if not isinstance(value, torch.Tensor) or value.numel() != 1 or value.dtype.is_floating_point or value.is_complex():
+        raise ValueError(f"{key} must be a one-element integer tensor, got {_describe(value)}")
+    return int(value.item())
+
+
+def _real(value: Any, key: str) -> float:
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        raise ValueError(f"{key} must be a one-element tensor, got {_describe(value)}")
+    return float(value.item())
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {list(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def _save_resolution(module: ODEBlock, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """State-dict post-hook: store the resolution as tensors next to the stage's parameters."""
+    resolution = module.resolution
+    key = prefix + RESOLUTION_PREFIX
+    state_dict[key + "n_basis"] = torch.tensor(resolution.n_basis, dtype=torch.int64)
+    state_dict[key + "n_steps"] = torch.tensor(resolution.n_steps, dtype=torch.int64)
+    state_dict[key + "T"] = torch.tensor(resolution.T, dtype=torch.float64)
+    state_dict[key + "scheme"] = _encode_name(resolution.scheme)
+    state_dict[key + "basis"] = _encode_name(resolution.basis)
+
+
+def _load_resolution(module: ODEBlock, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load pre-hook: check the stored resolution, take it (refining first), and drop its entries."""
+    resolution = module.checkpoint_resolution(state_dict, prefix)
+    for name in ("n_basis", "n_steps", "T", "scheme", "basis"):
+        state_dict.pop(prefix + RESOLUTION_PREFIX + name, None)
+    if resolution is not None:
+        module.load_resolution(resolution)

@@ -4,6 +4,7 @@ hand-written ResNet stage to compare ODE blocks with."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_cnet import integrators
+from lightning_cnet.layers import TimeBatchNorm2d, TimeDependent
 from lightning_cnet.ode_block import ODEBlock
 
 torch.set_num_threads(1)  # tiny tensors: a second thread only adds synchronisation on a busy machine
@@ -27,7 +29,7 @@ def _seed() -> None:
 def isolated_schemes(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
     """A scheme registry holding only the built-in schemes; whatever a test registers is dropped after it."""
     registry = {name: integrators.get_scheme(name) for name in BUILTIN_SCHEMES}
-    monkeypatch.setattr(integrators, "_SCHEMES", registry)
+    monkeypatch.setattr(integrators.SCHEMES, "_entries", registry)
     yield registry
 
 
@@ -48,27 +50,36 @@ class PreActivationBasicBlock(nn.Module):
         return x + (y if self.gate is None else self.gate * y)
 
 
+def _copy_norm(ours: nn.BatchNorm2d, theirs: nn.BatchNorm2d) -> None:
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        getattr(theirs, name).copy_(getattr(ours, name))
+
+
+def _copy_conv(ours: Any, k: int, theirs: nn.Conv2d) -> None:
+    theirs.weight.copy_(ours.weight[k])
+    if ours.bias is not None:
+        theirs.bias.copy_(ours.bias[k])
+
+
 def _resnet_stage_like(block: ODEBlock) -> nn.Sequential:
     """A stage of ``K`` hand-written basic blocks holding piece ``k`` of the ODE block's weights."""
-    channels = block.norm1.weight.shape[1]
-    has_bias = block.conv1.bias is not None
+    unit = block.unit
+    channels = unit.norm1.num_features
+    has_bias = unit.conv1.bias is not None
     stage = nn.Sequential(
         *(
             PreActivationBasicBlock(
-                channels, bias=has_bias, gated=block.gate is not None, momentum=block.norm1.momentum
+                channels, bias=has_bias, gated=block.gate is not None, momentum=unit.norm1.pieces[0].momentum
             )
             for _ in range(block.n_basis)
         )
-    ).to(block.conv1.weight.dtype)
+    ).to(unit.conv1.weight[0].dtype)
     with torch.no_grad():
         for k, reference in enumerate(stage):
-            for ours, theirs in ((block.norm1, reference.bn1), (block.norm2, reference.bn2)):
-                for name in ("weight", "bias", "running_mean", "running_var"):
-                    getattr(theirs, name).copy_(getattr(ours, name)[k])
-            for ours, theirs in ((block.conv1, reference.conv1), (block.conv2, reference.conv2)):
-                theirs.weight.copy_(ours.weight[k])
-                if has_bias:
-                    theirs.bias.copy_(ours.bias[k])
+            _copy_norm(unit.norm1.pieces[k], reference.bn1)
+            _copy_norm(unit.norm2.pieces[k], reference.bn2)
+            _copy_conv(unit.conv1, k, reference.conv1)
+            _copy_conv(unit.conv2, k, reference.conv2)
             if block.gate is not None:
                 reference.gate.copy_(block.gate.gate[k])
     return stage
@@ -85,16 +96,36 @@ def _randomize_(module: nn.Module) -> nn.Module:
     that no parameter sits at an initial value that hides a mistake (zero gate, unit variance, ...)."""
     with torch.no_grad():
         for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
-            leaf = name.rsplit(".", 1)[-1]
+            parts = name.split(".")
+            leaf = parts[-2] if parts[-1].isdigit() else parts[-1]  # pieces of a time-dependent tensor: "<name>.<k>"
             if leaf == "running_var":
                 tensor.uniform_(0.5, 2.0)
             elif leaf in ("running_mean", "bias"):
                 tensor.normal_(0.0, 0.2)
             elif leaf == "gate":
                 tensor.uniform_(0.5, 1.0)
-            elif leaf == "weight" and tensor.dim() <= 2:  # BatchNorm scales [K, C] or [C]
+            elif leaf == "weight" and tensor.dim() <= 1:  # BatchNorm scales [C]
                 tensor.uniform_(0.5, 1.5)
     return module
+
+
+def stacked_time_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every time-dependent tensor of ``module``, its pieces stacked on dim 0 (``[K, ...]``), as copies by name.
+
+    Reads the storage directly (piece lists, one BatchNorm per piece), so tests can compare the stacked
+    coefficients with hand-computed maps.
+    """
+    stacked = {}
+    for name, layer in module.named_modules():
+        if isinstance(layer, TimeBatchNorm2d):
+            for field in ("weight", "bias", "running_mean", "running_var"):
+                stacked[f"{name}.{field}"] = torch.stack([getattr(p, field).detach() for p in layer.pieces]).clone()
+        elif isinstance(layer, TimeDependent):
+            for field in layer.time_parameters:
+                pieces = getattr(layer, field)
+                if pieces is not None:
+                    stacked[f"{name}.{field}"] = torch.stack([p.detach() for p in pieces]).clone()
+    return stacked
 
 
 @pytest.fixture

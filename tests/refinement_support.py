@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytorch_lightning as pl
@@ -145,6 +146,37 @@ class OptimizerConsistency:
 
 class ConsistencyCallback(OptimizerConsistency, pl.Callback):
     """:class:`OptimizerConsistency` for ``pytorch_lightning``."""
+
+
+_PIECE = re.compile(r"^(?P<layer>.*)\.pieces\.(?P<k>\d+)\.(?P<field>\w+)$|^(?P<name>.*)\.(?P<index>\d+)$")
+
+
+def stack_pieces(named: dict[str, Any]) -> dict[str, Any]:
+    """Group the pieces of time-dependent tensors (``<name>.<k>``, BatchNorm ``<layer>.pieces.<k>.<field>``) by
+    tensor name and stack them on dim 0; dicts of tensors (optimizer states) are stacked entry by entry, a piece
+    without the entry (never read, so never stepped) counting as zeros."""
+    groups: dict[str, dict[int, Any]] = {}
+    for key, value in named.items():
+        match = _PIECE.match(key)
+        if match is None:
+            groups.setdefault(key, {})[-1] = value
+        elif match["layer"] is not None:
+            groups.setdefault(f"{match['layer']}.{match['field']}", {})[int(match["k"])] = value
+        else:
+            groups.setdefault(match["name"], {})[int(match["index"])] = value
+    stacked = {}
+    for name, pieces in groups.items():
+        if -1 in pieces:
+            stacked[name] = pieces[-1]
+            continue
+        values = [pieces[k] for k in sorted(pieces)]
+        if isinstance(values[0], dict):
+            keys = {key: value for v in values for key, value in v.items()}
+            stacked[name] = {key: torch.stack([v.get(key, torch.zeros_like(like)) for v in values])
+                             for key, like in keys.items()}
+        else:
+            stacked[name] = torch.stack(values)
+    return stacked
 
 
 def n_steps(task: Any) -> list[int]:

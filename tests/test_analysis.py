@@ -25,8 +25,9 @@ def trained_like_model() -> torch.nn.Module:
     model = get_model("cnet_digits", n_steps=4, skip_init=False)
     with torch.no_grad():
         for stage in model.stages:
-            stage.norm1.running_mean.normal_(0, 0.2)
-            stage.norm1.running_var.uniform_(0.5, 1.5)
+            for piece in stage.unit.norm1.pieces:
+                piece.running_mean.normal_(0, 0.2)
+                piece.running_var.uniform_(0.5, 1.5)
     return model.eval()
 
 

@@ -8,6 +8,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import stacked_time_tensors
 from torch import nn
 
 from lightning_cnet.bases import get_basis
@@ -99,7 +100,7 @@ def test_euler_continuous_net_is_a_resnet(resnet_stage_like, randomize, skip_ini
     for stage, ref_stage in zip(model.stages, reference.stages):
         for k, unit in enumerate(ref_stage):
             for stats in ("running_mean", "running_var"):
-                ours += [getattr(stage.norm1, stats)[k], getattr(stage.norm2, stats)[k]]
+                ours += [getattr(stage.unit.norm1.pieces[k], stats), getattr(stage.unit.norm2.pieces[k], stats)]
                 theirs += [getattr(unit.bn1, stats), getattr(unit.bn2, stats)]
     for mine, ref in zip(ours, theirs):
         torch.testing.assert_close(mine, ref, atol=1e-14, rtol=0)
@@ -123,13 +124,13 @@ def test_parameter_count_and_refinement_report() -> None:
     change = model.refine()
     assert (change.parameters_before, change.parameters_after) == (267_616, _hand_count((16, 32, 64), 4, 3, 10))
     assert str(change) == "n_basis 2-2-2 -> 4-4-4, n_steps 2-2-2 -> 4-4-4, parameters 267,616 -> 462,054"
-    stage_parameters = {p for stage in model.stages for p in stage.parameters()}
-    assert {new for new, _ in change.parameter_map.values()} == stage_parameters
+    stage_parameters = {id(p) for stage in model.stages for p in stage.parameters()}
+    assert {id(new) for layer in change.parameter_changes for new in layer.new} == stage_parameters
 
 
 # ---------------------------------------------------------------------- gradients
 def test_every_parameter_gets_a_gradient() -> None:
-    model = _tiny(scheme="rk4", n_steps=2, skip_init=False, bias=True)
+    model = _tiny(scheme="rk4", n_steps=2, skip_init=False, unit_kwargs={"bias": True})
     model(torch.randn(3, 2, 8, 8)).logsumexp(dim=1).sum().backward()
     for name, parameter in model.named_parameters():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
@@ -152,7 +153,7 @@ def test_skip_init_gates_receive_gradients_while_the_gated_units_do_not() -> Non
 def test_checkpointed_steps_give_the_same_training_step(randomize, basis: str) -> None:
     kwargs = dict(scheme="rk4", n_steps=3, n_basis=2, basis=basis)
     plain = randomize(_tiny(**kwargs)).double()
-    checkpointed = _tiny(**kwargs, checkpoint_steps=True).double()
+    checkpointed = _tiny(**kwargs, recompute_steps=True).double()
     checkpointed.load_state_dict(plain.state_dict())
     x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
     outputs = [model(x) for model in (plain, checkpointed)]
@@ -223,9 +224,9 @@ def test_registry_and_builders() -> None:
     assert list_models() == ["cnet_cifar", "cnet_cifar_wide", "cnet_digits"]
     assert list_models("cnet_cifar*") == ["cnet_cifar", "cnet_cifar_wide"]
     digits = get_model("cnet_digits", n_steps=2)
-    assert digits.stem.in_channels == 1 and [s.norm1.weight.shape[1] for s in digits.stages] == [8, 16, 32]
+    assert digits.stem.in_channels == 1 and [s.unit.norm1.num_features for s in digits.stages] == [8, 16, 32]
     assert get_model("cnet_cifar_wide").num_classes == 100
-    with pytest.raises(ValueError, match=r"model 'resnet50' is not known: expected one of \['cnet_cifar', "):
+    with pytest.raises(ValueError, match=r"model='resnet50' is not known: expected one of \['cnet_cifar', "):
         get_model("resnet50")
     with pytest.raises(ValueError, match="weights='DEFAULT'.*expected weights=None"):
         get_model("cnet_cifar", weights="DEFAULT")
@@ -310,14 +311,14 @@ def test_bad_compression_is_rejected_and_changes_nothing(basis: str, request_: d
 
 def test_compress_per_stage(randomize) -> None:
     model = randomize(_tiny(n_steps=4, scheme="rk4"))
-    before = _state(model)
+    before = stacked_time_tensors(model)
     change = model.compress(n_basis=(2, 4), n_steps=(2, 3))
+    after = stacked_time_tensors(model)
     assert [(r.n_basis, r.n_steps) for r in model.resolution] == [(2, 2), (4, 3)]
-    expected = before["stages.0.conv1.weight"].reshape(2, 2, *before["stages.0.conv1.weight"].shape[1:]).mean(1)
-    torch.testing.assert_close(model.stages[0].conv1.weight.detach(), expected, atol=1e-6, rtol=0)
-    expected = before["stages.0.norm2.running_var"].reshape(2, 2, -1).mean(1)
-    torch.testing.assert_close(model.stages[0].norm2.running_var, expected, atol=1e-6, rtol=0)
-    assert torch.equal(model.stages[1].conv1.weight, before["stages.1.conv1.weight"])
+    for name in ("stages.0.unit.conv1.weight", "stages.0.unit.norm2.running_var"):
+        expected = before[name].reshape(2, 2, *before[name].shape[1:]).mean(1)
+        torch.testing.assert_close(after[name], expected, atol=1e-6, rtol=0)
+    assert torch.equal(after["stages.1.unit.conv1.weight"], before["stages.1.unit.conv1.weight"])
     removed = 2 * (2 * 9 * 4 * 4 + 4 * 4 + 1)  # two coefficients of the first stage
     assert change.parameters_before - change.parameters_after == removed
 
@@ -334,26 +335,18 @@ def test_refined_model_state_dict_round_trips(randomize, basis: str) -> None:
 
     same = _tiny(n_steps=1, n_basis=fine_basis, basis=basis)
     same.load_state_dict(source.state_dict())
-    assert same.resolution == source.resolution and same.pop_load_refinements() == {}
+    assert same.resolution == source.resolution
     torch.testing.assert_close(_eval_output(same, x), expected, atol=0, rtol=0)
 
     coarse = _tiny(n_steps=2, basis=basis)
-    coarse_parameters = {name: p for name, p in coarse.named_parameters() if name.startswith("stages.")}
     coarse.load_state_dict(source.state_dict())
     assert coarse.resolution == source.resolution
     torch.testing.assert_close(_eval_output(coarse, x), expected, atol=0, rtol=0)
-
-    composed = coarse.pop_load_refinements()
-    new_parameters = dict(coarse.named_parameters())
-    assert {old: new for old, (new, _) in composed.items()} == {
-        p: new_parameters[name] for name, p in coarse_parameters.items()
-    }
-    twice = get_basis(basis).refinement_matrix(get_basis(basis).refined_size(2)) @ get_basis(basis).refinement_matrix(2)
-    if basis == "piecewise_constant":  # two duplications: each coefficient copied into four pieces
-        twice = torch.kron(torch.eye(2, dtype=torch.float64), torch.ones(4, 1, dtype=torch.float64))
-    for _, matrix in composed.values():
-        torch.testing.assert_close(matrix, twice, atol=1e-14, rtol=0)
-    assert coarse.pop_load_refinements() == {}
+    # every tensor of the state dict is a tensor (safetensors-ready), and the loaded model holds its own tensors
+    # only: exactly the parameters of a model built at the fine resolution
+    assert all(isinstance(v, torch.Tensor) for v in source.state_dict().values())
+    built = _tiny(n_steps=1, n_basis=fine_basis, basis=basis)
+    assert [p.shape for p in coarse.parameters()] == [p.shape for p in built.parameters()]
 
 
 def test_unreachable_checkpoint_is_rejected_before_any_stage_changes() -> None:
@@ -364,7 +357,6 @@ def test_unreachable_checkpoint_is_rejected_before_any_stage_changes() -> None:
         model.load_state_dict(checkpoint)
     assert model.resolution == resolution
     _assert_same_state(state, model)
-    assert model.pop_load_refinements() == {}
 
 
 def test_loading_restores_the_manifestation_and_depth() -> None:
@@ -378,7 +370,8 @@ def test_loading_restores_the_manifestation_and_depth() -> None:
 
 
 # ---------------------------------------------------------------------- docstring examples
-@pytest.mark.parametrize("module_name", ["bases", "integrators", "layers", "ode_block", "models"])
+@pytest.mark.parametrize("module_name", ["bases", "integrators", "layers", "units", "ode_block", "models", "registry",
+                                         "_transaction", "_namespace"])
 def test_docstring_examples(isolated_schemes: dict, module_name: str) -> None:
     module = importlib.import_module(f"lightning_cnet.{module_name}")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)

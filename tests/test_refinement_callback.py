@@ -11,6 +11,7 @@ import torch
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint
 from refinement_support import (
+    stack_pieces,
     ConsistencyCallback,
     TinyDigits,
     digits_tensors,
@@ -21,6 +22,7 @@ from refinement_support import (
 from torch import nn
 
 from lightning_cnet.callbacks import DepthRefinementCallback, RefinementSchedule, replace_parameters
+from lightning_cnet.layers import ParameterChange, TimeBatchNorm2d
 from lightning_cnet.module import ContinuousNetClassifier
 
 
@@ -40,11 +42,11 @@ class StateSnapshot(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module):
         optimizer = trainer.optimizers[0]
         epoch = trainer.current_epoch
-        self.params[epoch] = {name: p.detach().clone() for name, p in pl_module.named_parameters()}
-        self.state[epoch] = {
+        self.params[epoch] = stack_pieces({name: p.detach().clone() for name, p in pl_module.named_parameters()})
+        self.state[epoch] = stack_pieces({
             name: {k: v.clone() for k, v in optimizer.state.get(p, {}).items()}
             for name, p in pl_module.named_parameters()
-        }
+        })
 
 
 class EpochStartProbe(StateSnapshot):
@@ -178,9 +180,26 @@ def test_replace_parameters_handles_unmappable_state():
     old = nn.Parameter(torch.ones(2, 3))
     optimizer = torch.optim.SGD([old], lr=0.1)
     optimizer.state[old] = {"factored": torch.ones(3)}
-    new = nn.Parameter(torch.ones(4, 3))
-    assert replace_parameters(optimizer, {old: (new, torch.eye(4, 2, dtype=torch.float64))}) == 1
-    assert optimizer.param_groups[0]["params"] == [new] and new not in optimizer.state
+    new = nn.Parameter(torch.ones(2, 3))
+    change = ParameterChange(old=(old,), new=(new,), sources={new: ((old, 1.0),)})
+    assert replace_parameters(optimizer, [change]) == 1
+    assert optimizer.param_groups[0]["params"] == [new] and new not in optimizer.state and old not in optimizer.state
+
+
+def test_replace_parameters_keeps_a_fresh_optimizer_order_for_interleaved_pieces():
+    """A BatchNorm layer holds (weight, bias) per piece: after refinement the group must list the new pieces in module
+    order, as an optimizer built afresh from the refined layer would, and carry momentum piece by piece."""
+    layer = TimeBatchNorm2d(3, n_basis=2)
+    untouched = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([untouched, *layer.parameters()], lr=0.1, momentum=0.9)
+    for index, param in enumerate(layer.parameters()):
+        optimizer.state[param] = {"momentum_buffer": torch.full((3,), float(index))}
+    change = layer.resample(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]], dtype=torch.float64))
+    assert replace_parameters(optimizer, [change]) == 8
+    assert optimizer.param_groups[0]["params"] == [untouched, *layer.parameters()]
+    # old order: w0 b0 w1 b1 had momenta 0 1 2 3; new pieces 0, 1 come from piece 0 and 2, 3 from piece 1
+    momenta = [optimizer.state[p]["momentum_buffer"][0].item() for p in layer.parameters()]
+    assert momenta == [0, 1, 0, 1, 2, 3, 2, 3]
 
 
 # ---------------------------------------------------------------------- noise, evaluation, logging
@@ -194,12 +213,12 @@ def test_noise_is_seeded_and_multiplicative():
             max_epochs=2, limit_train_batches=1, limit_val_batches=0)
         runs.append((snapshot.params[1], probe.params[1]))
     (old, noisy), (_, noisy_again), (_, exact) = runs
-    name = "model.stages.2.conv1.weight"
+    name = "model.stages.2.unit.conv1.weight"
     assert torch.equal(noisy[name], noisy_again[name])
     assert torch.equal(exact[name], old[name].repeat_interleave(2, dim=0))
     ratio = noisy[name] / old[name].repeat_interleave(2, dim=0)
     assert 0.09 < (ratio - 1).std().item() < 0.11 and abs((ratio - 1).mean().item()) < 0.01
-    assert torch.equal(noisy["model.stages.2.norm1.weight"], exact["model.stages.2.norm1.weight"])
+    assert torch.equal(noisy["model.stages.2.unit.norm1.weight"], exact["model.stages.2.unit.norm1.weight"])
 
 
 class AccuracyProbe(pl.Callback):
@@ -308,9 +327,8 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.parametrize("checkpoint", ["epoch=1.ckpt", "mid-step=15.ckpt"])
 def test_resume_into_coarse_model_is_bit_identical(uninterrupted, checkpoint):
     path = uninterrupted.root / checkpoint
-    assert torch.load(path, weights_only=False)["state_dict"]["model.stages.0.conv1.weight"].shape[0] == 2 + 2 * (
-        checkpoint.startswith("mid")
-    )
+    stored = torch.load(path, weights_only=True)["state_dict"]
+    assert stored["model.stages.0.resolution.n_basis"].item() == 2 + 2 * checkpoint.startswith("mid")
     pl.seed_everything(123)  # the resumed run must not depend on the seed of the fresh model
     task = make_task(optimizer="adamw", lr=0.01, lr_schedule="cosine")
     assert n_steps(task) == [1, 1, 1]
@@ -326,7 +344,7 @@ def test_checkpoint_loads_with_load_from_checkpoint_and_load_state_dict(uninterr
     path = uninterrupted.root / "epoch=3.ckpt"
     checkpoint = torch.load(path, weights_only=False)
     loaded = ContinuousNetClassifier.load_from_checkpoint(path)
-    assert n_steps(loaded) == [4, 4, 4] and loaded.model.stages[1].conv2.weight.shape[0] == 4
+    assert n_steps(loaded) == [4, 4, 4] and len(loaded.model.stages[1].unit.conv2.weight) == 4
     _assert_identical(_final_state(loaded), uninterrupted.state)
     fresh = make_task(optimizer="adamw")
     fresh.load_state_dict(checkpoint["state_dict"])
