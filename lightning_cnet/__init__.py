@@ -1,10 +1,10 @@
 """lightning-cnet: continuous-in-depth neural networks (ContinuousNet) for PyTorch and Lightning.
 
-The model layer (:mod:`bases`, :mod:`integrators`, :mod:`layers`, :mod:`ode_block`, :mod:`models`) is
-plain PyTorch; Lightning is imported only by the task, data and callback modules.
+The model layer (:mod:`bases`, :mod:`integrators`, :mod:`layers`, :mod:`units`, :mod:`ode_block`, :mod:`models`)
+is plain PyTorch; Lightning is imported only by the task, data and callback modules.
 """
 
-from lightning_cnet.bases import Basis, get_basis, list_bases
+from lightning_cnet.bases import Basis, get_basis, list_bases, register_basis
 from lightning_cnet.integrators import (
     ButcherTableau,
     get_scheme,
@@ -24,14 +24,19 @@ from lightning_cnet.models import (
     register_model,
 )
 from lightning_cnet.ode_block import ODEBlock, StageResolution
+from lightning_cnet.units import BottleneckUnit, MLPUnit, PreActBasicUnit, ResidualUnit, get_unit, list_units, register_unit
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Basis",
+    "BottleneckUnit",
     "ButcherTableau",
     "ContinuousNet",
+    "MLPUnit",
     "ODEBlock",
+    "PreActBasicUnit",
+    "ResidualUnit",
     "ResolutionChange",
     "StageResolution",
     "cnet_cifar",
@@ -40,11 +45,15 @@ __all__ = [
     "get_basis",
     "get_model",
     "get_scheme",
+    "get_unit",
     "list_bases",
     "list_models",
     "list_schemes",
+    "list_units",
     "odeint_fixed",
+    "register_basis",
     "register_model",
     "register_scheme",
+    "register_unit",
     "rk_step",
 ]

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from conftest import stacked_time_tensors
 from torch import nn
 
-from lightning_cnet.bases import get_basis
-from lightning_cnet.integrators import make_tableau
-from lightning_cnet.models import ContinuousNet, get_model, list_models
+from lightning_cnet.bases import BASES, get_basis
+from lightning_cnet.integrators import SCHEMES, make_tableau
+from lightning_cnet.models import MODELS, ContinuousNet, get_model, list_models
+from lightning_cnet.units import UNITS
 from lightning_cnet.ode_block import StageResolution
 
 WIDTHS = (4, 8)
@@ -372,7 +373,9 @@ def test_loading_restores_the_manifestation_and_depth() -> None:
 # ---------------------------------------------------------------------- docstring examples
 @pytest.mark.parametrize("module_name", ["bases", "integrators", "layers", "units", "ode_block", "models", "registry",
                                          "_transaction", "_namespace"])
-def test_docstring_examples(isolated_schemes: dict, module_name: str) -> None:
+def test_docstring_examples(monkeypatch: pytest.MonkeyPatch, module_name: str) -> None:
+    for registry in (SCHEMES, BASES, MODELS, UNITS):  # what the examples register is dropped afterwards
+        monkeypatch.setattr(registry, "_entries", dict(registry._entries))
     module = importlib.import_module(f"lightning_cnet.{module_name}")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
