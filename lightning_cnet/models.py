@@ -261,6 +261,28 @@ class ContinuousNet(nn.Module):
             for stage, (old_tableau, old_steps) in zip(self.stages, previous):
                 stage.set_manifestation(scheme=old_tableau, n_steps=old_steps)
 
+    @contextmanager
+    def stages_off(self) -> Iterator[ContinuousNet]:
+        """Temporarily replace every ODE stage by the identity: the stem, stitches and head alone.
+
+        The baseline every claim about depth is measured against: if a model is about as accurate with its stages
+        off, its ODE stages do not do the work and invariance to the manifestation says nothing.
+
+        Example:
+            >>> net = get_model("cnet_digits").eval()
+            >>> x = torch.randn(2, 1, 8, 8)
+            >>> with net.stages_off():
+            ...     off = net(x)
+            >>> torch.allclose(off, net(x))  # a fresh model's gates are zero: its stages are the identity already
+            True
+        """
+        stages = self.stages
+        self.stages = nn.ModuleList(nn.Identity() for _ in stages)
+        try:
+            yield self
+        finally:
+            self.stages = stages
+
     def refine(self, *, noise_std: float = 0.0, generator: torch.Generator | None = None) -> ResolutionChange:
         """Refine every stage in place: ``K -> 2K`` (``2K - 1`` for linear), ``N -> 2N``, ``T`` fixed.
 
