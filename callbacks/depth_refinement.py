@@ -41,7 +41,8 @@ from lightning_cnet.callbacks.optimizer_surgery import (
 )
 from lightning_cnet.layers import ParameterChange
 from lightning_cnet.ode_block import check_noise_std
-from lightning_cnet.callbacks.quick_eval import validation_accuracy
+from lightning_cnet.recalibration import recalibrate_bn
+from lightning_cnet.callbacks.quick_eval import training_images, validation_accuracy
 from lightning_cnet.callbacks.schedule import RefineAt, RefinementSchedule
 
 if TYPE_CHECKING:
@@ -93,6 +94,17 @@ def _averaged_copies(trainer: Any) -> Iterator[nn.Module]:
             yield average
 
 
+def _refuse_non_finite(pl_module: nn.Module, epoch: int) -> None:
+    """Raise ``FloatingPointError`` if a parameter or buffer of the module holds a NaN or an infinity."""
+    bad = [name for name, tensor in (*pl_module.named_parameters(), *pl_module.named_buffers())
+           if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise FloatingPointError(
+            f"refusing to refine at epoch {epoch}: {len(bad)} parameters or buffers are not finite (first: {bad[0]}); "
+            "the run diverged before this refinement (lightning_cnet.callbacks.NonFiniteGuard stops it when it does)"
+        )
+
+
 class DepthRefinementMixin:
     """Refine ContinuousNet models at scheduled epochs during ``trainer.fit``.
 
@@ -127,6 +139,10 @@ class DepthRefinementMixin:
         seed: seed of the noise.
         evaluate: measure validation accuracy just before and right after each refinement.
         eval_batches: validation batches per rank for that measurement (``None``: all).
+        recalibrate_bn: right after each refinement (before the "after" measurement), re-estimate every BatchNorm
+            statistic at the new step count from the first ``recalibration_batches`` training batches (the same on
+            every rank), with :func:`~lightning_cnet.recalibrate_bn`.
+        recalibration_batches: training batches for that re-estimation.
         verbose: print one rank-zero line per refinement.
 
     Raises:
@@ -161,6 +177,8 @@ class DepthRefinementMixin:
         seed: int = 0,
         evaluate: bool = True,
         eval_batches: int | None = 10,
+        recalibrate_bn: bool = False,
+        recalibration_batches: int = 10,
         verbose: bool = True,
     ) -> None:
         super().__init__()
@@ -173,12 +191,17 @@ class DepthRefinementMixin:
         check_noise_std(noise_std)
         if eval_batches is not None and (not isinstance(eval_batches, int) or eval_batches < 1):
             raise ValueError(f"eval_batches={eval_batches!r} must be None or an integer >= 1")
+        if isinstance(recalibration_batches, bool) or not isinstance(recalibration_batches, int) or (
+                recalibration_batches < 1):
+            raise ValueError(f"recalibration_batches={recalibration_batches!r} must be an integer >= 1")
         self.max_n_steps = max_n_steps
         self.optimizer_state = optimizer_state
         self.noise_std = float(noise_std)
         self.seed = int(seed)
         self.evaluate = evaluate
         self.eval_batches = eval_batches
+        self.recalibrate_bn = recalibrate_bn
+        self.recalibration_batches = recalibration_batches
         self.verbose = verbose
         self.base_n_steps: list[tuple[int, ...]] | None = None
         self.history: list[dict[str, Any]] = []
@@ -280,6 +303,7 @@ class DepthRefinementMixin:
         return torch.Generator().manual_seed((self.seed * 1_000_003 + level) % 2**63)
 
     def _refine_once(self, trainer: Any, pl_module: Any, nets: list[nn.Module], epoch: int, level: int) -> None:
+        _refuse_non_finite(pl_module, epoch)
         acc_before = self._accuracy(trainer, pl_module)
         before = [_n_steps(net) for net in nets]
         params_before = sum(p.numel() for p in pl_module.parameters())
@@ -295,12 +319,17 @@ class DepthRefinementMixin:
         for optimizer in trainer.optimizers:
             replace_parameters(optimizer, changes, optimizer_state=self.optimizer_state)
         self._check_optimizers(trainer, pl_module, changes)
+        if self.recalibrate_bn:
+            with trainer.precision_plugin.forward_context():
+                recalibrate_bn(pl_module, training_images(trainer, self.recalibration_batches))
 
         seconds = time.perf_counter() - start
         acc_after = self._accuracy(trainer, pl_module)
+        depths = [[r.T for r in net.stage_resolutions] for net in nets]
         entry = {
             "epoch": epoch, "level": level + 1,
             "n_steps_before": [list(n) for n in before], "n_steps_after": [list(_n_steps(n)) for n in nets],
+            "T": depths, "step_size": [[r.T / r.n_steps for r in net.stage_resolutions] for net in nets],
             "parameters_before": params_before, "parameters_after": sum(p.numel() for p in pl_module.parameters()),
             "val_acc_before": acc_before, "val_acc_after": acc_after, "seconds": seconds,
         }
@@ -335,13 +364,14 @@ class DepthRefinementMixin:
                 raise RuntimeError(f"{len(missing)} refined parameters are not held by any optimizer")
 
     def _report(self, pl_module: Any, entry: dict[str, Any]) -> None:
-        def steps(per_net: list[list[int]]) -> str:
-            return ", ".join("-".join(str(n) for n in net) for net in per_net)
+        def steps(per_net: list[list[float]]) -> str:
+            return ", ".join("-".join(f"{n:g}" for n in net) for net in per_net)
 
         if self.verbose:
             self.lightning.rank_zero_info(
                 f"Depth refinement at epoch {entry['epoch']}: n_steps {steps(entry['n_steps_before'])} -> "
-                f"{steps(entry['n_steps_after'])}, parameters {entry['parameters_before']:,} -> "
+                f"{steps(entry['n_steps_after'])} (T {steps(entry['T'])}, step size T/N {steps(entry['step_size'])}), "
+                f"parameters {entry['parameters_before']:,} -> "
                 f"{entry['parameters_after']:,}, val_acc {entry['val_acc_before']:.4f} -> "
                 f"{entry['val_acc_after']:.4f} ({1000 * entry['seconds']:.1f} ms)"
             )
@@ -351,6 +381,10 @@ class DepthRefinementMixin:
                 pl_module.log(f"refinement/{name}", float(entry[key]), on_step=False, on_epoch=True, sync_dist=True)
         pl_module.log("refinement/n_steps", float(max(max(n) for n in entry["n_steps_after"])),
                       on_step=False, on_epoch=True, sync_dist=True)
+        pl_module.log("refinement/T", float(max(max(t) for t in entry["T"])), on_step=False, on_epoch=True,
+                      sync_dist=True)
+        pl_module.log("refinement/step_size", float(min(min(h) for h in entry["step_size"])), on_step=False,
+                      on_epoch=True, sync_dist=True)
 
 
 __all__ = ["DepthRefinementMixin", "is_refinable", "refinable_modules"]

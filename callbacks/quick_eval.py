@@ -23,16 +23,49 @@ import torch
 from torch import nn
 
 
+def _first(loaders: Any) -> Any | None:
+    if isinstance(loaders, (list, tuple)):
+        return loaders[0] if loaders else None
+    if isinstance(loaders, dict):
+        return next(iter(loaders.values()), None)
+    return loaders
+
+
 def _val_loader(trainer: Any) -> Any | None:
     loaders = trainer.val_dataloaders
     if loaders is None:
         trainer.fit_loop.epoch_loop.val_loop.setup_data()
         loaders = trainer.val_dataloaders
-    if isinstance(loaders, (list, tuple)):
-        loaders = loaders[0] if loaders else None
-    elif isinstance(loaders, dict):
-        loaders = next(iter(loaders.values()), None)
-    return loaders
+    return _first(loaders)
+
+
+def training_images(trainer: Any, count: int) -> list[torch.Tensor]:
+    """The inputs of the first ``count`` batches of the training set, in dataset order, ready for the module.
+
+    They are read from the training dataloader's dataset through a loader of their own (same batch size, no
+    shuffling), so the training loader's sampler and iterator are not touched and every DDP rank gets the same
+    images; they are moved to the device and converted by the precision plugin as training batches are.
+    """
+    loader = _first(trainer.train_dataloader)
+    if loader is None:
+        trainer.fit_loop.setup_data()
+        loader = _first(trainer.train_dataloader)
+    if loader is None:
+        raise RuntimeError("there is no training dataloader to take batches from")
+    dataset = loader.dataset
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        source: Any = loader
+    else:
+        source = torch.utils.data.DataLoader(dataset, batch_size=loader.batch_size or 1, shuffle=False,
+                                             collate_fn=loader.collate_fn)
+    images = []
+    with torch.random.fork_rng(devices=[]):
+        for batch in source:
+            if len(images) >= count:
+                break
+            batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
+            images.append(batch[0] if isinstance(batch, (tuple, list)) else batch)
+    return images
 
 
 @contextmanager

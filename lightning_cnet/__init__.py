@@ -24,6 +24,7 @@ from lightning_cnet.models import (
     register_model,
 )
 from lightning_cnet.ode_block import ODEBlock, StageResolution
+from lightning_cnet.recalibration import recalibrate_bn
 from lightning_cnet.units import BottleneckUnit, MLPUnit, PreActBasicUnit, ResidualUnit, get_unit, list_units, register_unit
 
 __version__ = "0.1.0"
@@ -51,6 +52,7 @@ __all__ = [
     "list_schemes",
     "list_units",
     "odeint_fixed",
+    "recalibrate_bn",
     "register_basis",
     "register_model",
     "register_scheme",

@@ -91,6 +91,10 @@ class TimeDependent(nn.Module):
         """Number of pieces ``K``."""
         return len(getattr(self, self.time_parameters[0]))
 
+    def pieces_by_name(self) -> dict[str, list[torch.Tensor]]:
+        """Every time-dependent tensor of the layer as its list of ``K`` pieces, by name."""
+        return {name: list(pieces) for name in self.time_parameters if (pieces := getattr(self, name)) is not None}
+
     def resample(self, matrix: torch.Tensor) -> ParameterChange:
         """Replace every piece list by ``matrix @ pieces`` (``matrix`` ``[K_new, K_old]``), as new parameters.
 
@@ -296,6 +300,11 @@ class TimeBatchNorm2d(TimeDependent):
     @property
     def n_basis(self) -> int:
         return len(self.pieces)
+
+    def pieces_by_name(self) -> dict[str, list[torch.Tensor]]:
+        """The affine parameters and running statistics as lists of ``K`` pieces, by name."""
+        return {name: [getattr(piece, name) for piece in self.pieces]
+                for name in ("weight", "bias", "running_mean", "running_var")}
 
     def forward(self, x: torch.Tensor, nodes: NodeWeights) -> torch.Tensor:
         """Normalise with the parameters at the given time."""

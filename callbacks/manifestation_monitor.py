@@ -1,0 +1,89 @@
+"""Watch invariance to the manifestation while training: a small sweep on a few validation batches per epoch.
+
+Example:
+    >>> monitor = ManifestationMonitorMixin(schemes=["euler", "rk4"], n_steps=[2, 4], num_batches=2)
+    >>> monitor.schemes, monitor.n_steps
+    (('euler', 'rk4'), (2, 4))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from lightning_cnet.callbacks.depth_refinement import refinable_modules
+from lightning_cnet.callbacks.quick_eval import validation_accuracy
+from lightning_cnet.integrators import get_scheme, validate_n_steps
+
+if TYPE_CHECKING:
+    from lightning_cnet._namespace import Namespace
+
+
+class ManifestationMonitorMixin:
+    """Log the validation accuracy of other manifestations of the model as it trains.
+
+    Every ``every_n_epochs`` epochs, after validation, the model is evaluated (eval mode, its BatchNorm statistics
+    as they are) on the first ``num_batches`` validation batches per rank with each scheme and step count, all
+    ODE stages alike, and the callback logs ``manifestation/acc_{scheme}_{n}`` for each and
+    ``manifestation/invariance_gap``, the largest minus the smallest of these accuracies. A meaningful integrator
+    keeps the gap small; a model whose gap stays small while its stages-off accuracy is as high says nothing (see
+    ``lightning-cnet-analyze manifestation``). Works under DDP (the counts are summed over ranks) and every
+    precision. ``lightning_cnet.callbacks.ManifestationMonitor`` (``pytorch_lightning``) and
+    ``lightning_cnet.lightning.ManifestationMonitor`` (``lightning.pytorch``) are this logic made concrete.
+
+    Args:
+        every_n_epochs: evaluate every this many epochs (after validation of epochs ``n - 1, 2n - 1, ...``).
+        schemes: scheme names.
+        n_steps: step counts per stage; ``None``: half, once and twice the model's current largest step count
+            (which grows with refinement).
+        num_batches: validation batches per rank.
+
+    Example:
+        >>> import pytorch_lightning as pl  # doctest: +SKIP
+        >>> from lightning_cnet.callbacks import ManifestationMonitor  # doctest: +SKIP
+        >>> trainer = pl.Trainer(callbacks=[ManifestationMonitor(schemes=["euler", "rk4"])])  # doctest: +SKIP
+    """
+
+    #: The Lightning namespace of the concrete class.
+    lightning: ClassVar[Namespace]
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        schemes: Sequence[str] = ("euler", "midpoint", "rk4"),
+        n_steps: Sequence[int] | None = None,
+        num_batches: int = 2,
+    ) -> None:
+        super().__init__()
+        for name, value in (("every_n_epochs", every_n_epochs), ("num_batches", num_batches)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        for scheme in schemes:
+            get_scheme(scheme)
+        for steps in n_steps or ():
+            validate_n_steps(steps)
+        self.every_n_epochs = every_n_epochs
+        self.schemes = tuple(schemes)
+        self.n_steps = None if n_steps is None else tuple(n_steps)
+        self.num_batches = num_batches
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        nets = refinable_modules(pl_module)
+        if not nets:
+            return
+        largest = max(r.n_steps for net in nets for r in net.stage_resolutions)
+        n_steps = self.n_steps or tuple(sorted({max(1, largest // 2), largest, 2 * largest}))
+        accuracies = {}
+        for scheme in self.schemes:
+            for steps in n_steps:
+                with ExitStack() as stack:
+                    for net in nets:
+                        stack.enter_context(net.manifestation(scheme=scheme, n_steps=steps))
+                    accuracies[f"manifestation/acc_{scheme}_{steps}"] = validation_accuracy(
+                        trainer, pl_module, self.num_batches)
+        accuracies["manifestation/invariance_gap"] = max(accuracies.values()) - min(accuracies.values())
+        for name, value in accuracies.items():
+            pl_module.log(name, value, on_epoch=True, on_step=False)

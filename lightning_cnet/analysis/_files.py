@@ -1,0 +1,68 @@
+"""Writing study outputs: never a half-written file, and a clear error for an unwritable folder before any work."""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def check_writable(directory: str | Path) -> Path:
+    """Raise ``ValueError`` unless ``directory`` exists as a writable folder or could be created; nothing is made.
+
+    Returns:
+        The directory as a ``Path``.
+    """
+    directory = Path(directory)
+    existing = directory
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ValueError(f"{directory}: cannot write there, {existing} is a file, not a folder")
+    try:  # the only reliable test (permissions, read-only or virtual file systems): make and remove a folder
+        os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=existing))
+    except OSError as error:
+        raise ValueError(f"{directory}: cannot write there ({error.strerror})") from None
+    return directory
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(temporary_path)`` and rename the result to ``path``, so a failure leaves no partial file.
+
+    Parent folders are created. The temporary file lies in the same folder, so the rename is atomic.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Write rows to a CSV file atomically; the columns are the union of the rows' keys, in first-seen order.
+
+    Raises:
+        ValueError: no rows.
+    """
+    if not rows:
+        raise ValueError("no rows to write")
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+
+    def write(temporary: Path) -> None:
+        with temporary.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    return write_atomically(path, write)
