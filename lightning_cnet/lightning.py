@@ -20,6 +20,13 @@ L = _LIGHTNING.module
 
 from lightning_cnet.callbacks.depth_refinement import DepthRefinementMixin  # noqa: E402
 from lightning_cnet.classification import ClassificationTask  # noqa: E402
+from lightning_cnet.data._lightning import (  # noqa: E402
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    DigitsDataModule,
+    HardDigitsDataModule,
+    ImageFolderDataModule,
+)
 
 
 class ContinuousNetClassifier(ClassificationTask, L.LightningModule):
@@ -32,4 +39,12 @@ class DepthRefinementCallback(DepthRefinementMixin, L.Callback):
     lightning = _LIGHTNING
 
 
-__all__ = ["ContinuousNetClassifier", "DepthRefinementCallback"]
+__all__ = [
+    "CIFAR100DataModule",
+    "CIFAR10DataModule",
+    "ContinuousNetClassifier",
+    "DepthRefinementCallback",
+    "DigitsDataModule",
+    "HardDigitsDataModule",
+    "ImageFolderDataModule",
+]
