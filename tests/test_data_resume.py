@@ -214,7 +214,7 @@ def uninterrupted(tmp_path_factory):
     return root, final_state(trainer), log, trainer.callbacks
 
 
-@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
 @pytest.mark.parametrize("checkpoint", ["epoch-epoch=1.ckpt", "step-step=9.ckpt", "step-step=15.ckpt"])
 def test_resumed_fit_is_bit_identical(uninterrupted, checkpoint):
     """From the end of epoch 1, from the middle of epoch 1 (step 9) and of epoch 2 (step 15), with refinements
@@ -228,7 +228,7 @@ def test_resumed_fit_is_bit_identical(uninterrupted, checkpoint):
     assert [entry["epoch"] for entry in refinement.history] == [1, 2]
 
 
-@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
 def test_checkpoint_on_an_epochs_last_batch_resumes_with_the_whole_next_epoch(tmp_path):
     """Step 6 is the last batch of epoch 0: epoch 1 must come whole, in its own order (no refinement here, as
     Lightning does not call ``on_train_epoch_start`` for the epoch after such a restart)."""
