@@ -149,14 +149,56 @@ def test_worker_seeds_follow_seed_and_epoch():
     assert resumed == first[2:]
 
 
+def positions(images: torch.Tensor, dataset_images: torch.Tensor) -> list[int]:
+    """The position in ``dataset_images`` (distinct images) of each of ``images``, matched bit for bit."""
+    where = {row.numpy().tobytes(): i for i, row in enumerate(dataset_images.flatten(1))}
+    assert len(where) == len(dataset_images)
+    return [where[row.numpy().tobytes()] for row in images.flatten(1)]
+
+
+@pytest.mark.parametrize("in_hook", [True, False], ids=["built-in-hook", "built-outside"])
+def test_lightning_puts_its_distributed_sampler_into_the_loader(in_hook):
+    """What Lightning 2.6 does under DDP: wrap the sampler in a ``DistributedSamplerWrapper`` and rebuild the
+    loader with it, from the arguments it recorded in ``train_dataloader`` or from the loader's attributes."""
+    from lightning_fabric.utilities.data import _replace_dunder_methods
+    from lightning_fabric.utilities.distributed import DistributedSamplerWrapper
+    from pytorch_lightning.trainer.states import RunningStage
+    from pytorch_lightning.utilities.data import _update_dataloader
+    from torch.utils.data import BatchSampler, DataLoader
+
+    dm = DigitsDataModule(image_size=8, batch_size=100, seed=7)
+    dm.setup("fit")
+    if in_hook:
+        with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):
+            original = dm.train_dataloader()
+    else:
+        original = dm.train_dataloader()
+    shards = []
+    for rank in (0, 1):
+        sampler = DistributedSamplerWrapper(original.sampler, num_replicas=2, rank=rank, shuffle=True, seed=0)
+        loader = _update_dataloader(original, sampler, mode=RunningStage.TRAINING)
+        assert isinstance(loader, ResumableDataLoader) and loader.sampler is sampler and loader.seed == 7
+        passes = []
+        for epoch in (0, 1):
+            loader.sampler.set_epoch(epoch)
+            passes.append([images for images, _ in loader])
+        shards.append(passes)
+    train_images = dm.train_dataset.tensors[0]  # 1200 distinct images
+    for epoch in (0, 1):
+        assert [len(shard[epoch]) for shard in shards] == [6, 6]
+        seen = torch.cat([batch for shard in shards for batch in shard[epoch]])
+        assert sorted(positions(seen, train_images)) == list(range(1200))  # every digit once over both ranks
+    assert not torch.equal(shards[0][0][0], shards[0][1][0])  # a new order in epoch 1
+
+
 # --------------------------------------------------------------------------------------------
 # Through a Trainer: uninterrupted run vs. resumed runs
 
 BATCH, EPOCHS = 200, 4  # 1200 training digits: 6 batches per epoch
 
 
-def digits() -> DigitsDataModule:
-    return DigitsDataModule(image_size=8, batch_size=BATCH, seed=7)
+def digits(num_workers: int = 0) -> DigitsDataModule:
+    return DigitsDataModule(image_size=8, batch_size=BATCH, seed=7, num_workers=num_workers)
 
 
 def checkpoints(dirpath: Path) -> list[ModelCheckpoint]:
@@ -177,18 +219,19 @@ class BatchLog(pl.Callback):
         self.labels[(trainer.current_epoch, batch_idx)] = batch[1].tolist()
 
 
-def fit(tmp_path: Path, name: str, *, refine: bool, ckpt_path: Path | None = None) -> tuple[pl.Trainer, BatchLog]:
+def fit(tmp_path: Path, name: str, *, refine: bool, ckpt_path: Path | None = None, num_workers: int = 0,
+        max_epochs: int = EPOCHS) -> tuple[pl.Trainer, BatchLog]:
     torch.manual_seed(123)  # the same fresh coarse model every time; a resume overwrites its weights
     task = make_task(lr_schedule="cosine")
     log = BatchLog()
     callbacks = [log, *checkpoints(tmp_path / name)]
     if refine:
         callbacks.append(DepthRefinementCallback([1, 2], noise_std=0.1, eval_batches=1))
-    trainer = pl.Trainer(**trainer_options(max_epochs=EPOCHS, limit_val_batches=1, enable_checkpointing=True,
+    trainer = pl.Trainer(**trainer_options(max_epochs=max_epochs, limit_val_batches=1, enable_checkpointing=True,
                                            callbacks=callbacks))
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*dataloader is not resumable.*")
-        trainer.fit(task, datamodule=digits(), ckpt_path=ckpt_path)
+        trainer.fit(task, datamodule=digits(num_workers), ckpt_path=ckpt_path)
     return trainer, log
 
 
@@ -237,6 +280,20 @@ def test_checkpoint_on_an_epochs_last_batch_resumes_with_the_whole_next_epoch(tm
     assert sorted(log.labels) == [(epoch, index) for epoch in range(1, EPOCHS) for index in range(6)]
     assert all(full_log.labels[key] == labels for key, labels in log.labels.items())
     assert differing(final_state(resumed), final_state(full)) == []
+
+
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+def test_resume_with_worker_processes(tmp_path):
+    """With workers the first batches are requested as soon as Lightning builds the iterator, before it sets the
+    epoch of a resumed run: the loader must still read the epoch when the pass begins."""
+    full, full_log = fit(tmp_path, "full", refine=False, num_workers=2, max_epochs=3)
+    for checkpoint in ("epoch-epoch=0.ckpt", "step-step=9.ckpt"):
+        resumed, log = fit(tmp_path, checkpoint.removesuffix(".ckpt"), refine=False, num_workers=2, max_epochs=3,
+                           ckpt_path=tmp_path / "full" / checkpoint)
+        first = (1, 0) if checkpoint.startswith("epoch") else (1, 3)
+        assert min(log.labels) == first and len(log.labels) == 18 - 6 * first[0] - first[1]
+        assert all(full_log.labels[key] == labels for key, labels in log.labels.items())
+        assert differing(final_state(resumed), final_state(full)) == []
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,13 +393,11 @@ def test_ddp_ranks_get_disjoint_shards_and_resume_exactly(tmp_path):
     full = ddp_fit(tmp_path, "full")
     dm = digits()
     dm.setup("fit")
-    train_images = dm.train_dataset.tensors[0].flatten(1)  # 1200 distinct images
+    train_images = dm.train_dataset.tensors[0]  # 1200 distinct images
     for epoch in range(2):
         # 1200 digits over 2 ranks in batches of 200: 3 batches per rank, together every digit exactly once
         seen = torch.cat([full[rank][(epoch, index)] for rank in (0, 1) for index in range(3)])
-        match = (seen[:, None, :] == train_images[None, :, :]).all(-1)
-        assert torch.equal(match.sum(0), torch.ones(1200, dtype=torch.long))
-        assert torch.equal(match.sum(1), torch.ones(1200, dtype=torch.long))
+        assert sorted(positions(seen, train_images)) == list(range(1200))
     assert not torch.equal(full[0][(0, 0)], full[0][(1, 0)])  # a new order in epoch 1
 
     # step 4 is the second batch of epoch 1 (3 steps per epoch)

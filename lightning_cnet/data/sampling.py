@@ -176,13 +176,12 @@ class ResumableDataLoader(DataLoader):
     Args:
         dataset: the training dataset.
         seed: non-negative seed of the worker seeds.
-        **kwargs: any other ``DataLoader`` argument except ``generator`` and ``persistent_workers``. The
-            ``sampler`` must have an ``epoch`` attribute, like :class:`EpochSampler` and the
-            ``DistributedSampler`` that Lightning puts around it under DDP.
+        **kwargs: any other ``DataLoader`` argument except ``persistent_workers``; a ``generator`` given is
+            reseeded every epoch. The ``sampler`` must have an ``epoch`` attribute, like
+            :class:`EpochSampler` and the ``DistributedSampler`` that Lightning puts around it under DDP.
 
     Raises:
-        ValueError: ``seed`` is negative, ``persistent_workers`` or ``generator`` is given, or the sampler
-            has no ``epoch``.
+        ValueError: ``seed`` is negative, ``persistent_workers`` is set, or the sampler has no ``epoch``.
 
     Example:
         >>> sampler = EpochSampler(10, seed=0)
@@ -198,14 +197,10 @@ class ResumableDataLoader(DataLoader):
 
     def __init__(self, dataset: Dataset, *, seed: int, **kwargs: Any) -> None:
         check_seed(seed)
-        for name in ("generator", "persistent_workers"):
-            if kwargs.get(name):
-                raise ValueError(
-                    f"ResumableDataLoader sets `{name}` itself: workers are started and seeded anew every epoch"
-                )
-        kwargs.pop("persistent_workers", None)
-        kwargs.pop("generator", None)
-        super().__init__(dataset, generator=torch.Generator(), **kwargs)
+        if kwargs.pop("persistent_workers", False):
+            raise ValueError("ResumableDataLoader starts its workers anew every epoch: `persistent_workers` must be off")
+        generator = kwargs.pop("generator", None) or torch.Generator()
+        super().__init__(dataset, generator=generator, **kwargs)
         if not isinstance(getattr(self.sampler, "epoch", None), int):
             raise ValueError(
                 f"ResumableDataLoader needs a sampler with an `epoch` attribute (EpochSampler), got "
