@@ -40,8 +40,8 @@ class DepthRefinementCallback(DepthRefinementMixin, L.Callback):
 
 
 __all__ = [
-    "CIFAR100DataModule",
     "CIFAR10DataModule",
+    "CIFAR100DataModule",
     "ContinuousNetClassifier",
     "DepthRefinementCallback",
     "DigitsDataModule",

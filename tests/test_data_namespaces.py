@@ -52,7 +52,8 @@ def data_roots(tmp_path: Path) -> dict[str, Path]:
     rng = np.random.default_rng(0)
     for name in ("cat", "dog", "fish"):
         for i in range(4):
-            write_png(tmp_path / "folder" / "train" / name / f"{i}.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+            pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            write_png(tmp_path / "folder" / "train" / name / f"{i}.png", pixels)
     return {"cifar10": tmp_path / "cifar10", "cifar100": tmp_path / "cifar100", "folder": tmp_path / "folder"}
 
 

@@ -74,7 +74,7 @@ def epoch_batches(dl: ResumableDataLoader, epoch: int) -> list[list[int]]:
 def test_loader_resumes_after_the_batches_handed_out():
     reference = {epoch: epoch_batches(loader(), epoch) for epoch in range(3)}
     assert len(reference[1]) == 6  # 23 samples in batches of 4
-    for handed_out in range(0, 6):
+    for handed_out in range(6):
         interrupted = loader()
         epoch_batches(interrupted, 0)
         interrupted.sampler.set_epoch(1)

@@ -21,7 +21,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from lightning_cnet.data._common import DatasetNotFoundError, SplitDataMixin, TransformedSubset
+from lightning_cnet.data._common import DatasetNotFoundError, SplitDataMixin
 from lightning_cnet.data.cifar import CIFAR10DataMixin, CIFAR100DataMixin
 from lightning_cnet.data.digits import AffineNoise, DigitsDataMixin, HardDigitsDataMixin
 from lightning_cnet.data.folder import ImageFolderDataMixin
@@ -56,5 +56,4 @@ __all__ = [
     "ImageFolderDataMixin",
     "ResumableDataLoader",
     "SplitDataMixin",
-    "TransformedSubset",
 ]

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_cnet.data.sampling import EpochKeySampler, ResumableDataLoader, Stream, derived_seed, torch_seeded
 
-__all__ = ["DatasetNotFoundError"]
+__all__ = ["DatasetNotFoundError", "SplitDataMixin", "TransformedSubset"]
 
 
 class DatasetNotFoundError(FileNotFoundError):

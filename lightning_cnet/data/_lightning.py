@@ -39,8 +39,8 @@ class ImageFolderDataModule(ImageFolderDataMixin, L.LightningDataModule):
 
 
 __all__ = [
-    "CIFAR100DataModule",
     "CIFAR10DataModule",
+    "CIFAR100DataModule",
     "DigitsDataModule",
     "HardDigitsDataModule",
     "ImageFolderDataModule",

@@ -35,8 +35,8 @@ class ImageFolderDataModule(ImageFolderDataMixin, pl.LightningDataModule):
 
 
 __all__ = [
-    "CIFAR100DataModule",
     "CIFAR10DataModule",
+    "CIFAR100DataModule",
     "DigitsDataModule",
     "HardDigitsDataModule",
     "ImageFolderDataModule",

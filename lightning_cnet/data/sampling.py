@@ -22,7 +22,7 @@ Example:
     True
     >>> loader = ResumableDataLoader(list(range(6)), seed=0, sampler=sampler, batch_size=2)
     >>> sampler.set_epoch(3)
-    >>> first = next(iter(loader))
+    >>> _ = next(iter(loader))
     >>> loader.state_dict()["batches"]
     1
 """
@@ -64,7 +64,8 @@ def derived_seed(seed: int, *keys: int) -> int:
     Different key tuples give statistically independent streams (``numpy.random.SeedSequence``).
 
     Example:
-        >>> derived_seed(0, Stream.SHUFFLE, 1) == derived_seed(0, Stream.SHUFFLE, 1) != derived_seed(0, Stream.SHUFFLE, 2)
+        >>> first, again, other = (derived_seed(0, Stream.SHUFFLE, epoch) for epoch in (1, 1, 2))
+        >>> first == again != other
         True
     """
     state = np.random.SeedSequence([seed, *keys]).generate_state(2, dtype=np.uint32)
@@ -198,7 +199,7 @@ class ResumableDataLoader(DataLoader):
     def __init__(self, dataset: Dataset, *, seed: int, **kwargs: Any) -> None:
         check_seed(seed)
         if kwargs.pop("persistent_workers", False):
-            raise ValueError("ResumableDataLoader starts its workers anew every epoch: `persistent_workers` must be off")
+            raise ValueError("`persistent_workers` must be off: ResumableDataLoader starts its workers every epoch")
         generator = kwargs.pop("generator", None) or torch.Generator()
         super().__init__(dataset, generator=generator, **kwargs)
         if not isinstance(getattr(self.sampler, "epoch", None), int):
