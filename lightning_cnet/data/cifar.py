@@ -188,6 +188,9 @@ class CIFAR10DataMixin(_CIFARDataMixin):
     with any number of workers and after resuming from an end-of-epoch or a mid-epoch checkpoint.
     Under DDP, Lightning permutes each epoch's order once more with the Trainer's global seed and
     the epoch, and gives each rank a disjoint shard.
+    A ``train_transform`` of your own that draws from Python's ``random`` or NumPy is covered
+    only through the worker seeds: reproducible with the same ``num_workers > 0`` (each epoch's
+    workers are seeded from ``(seed, e)``), not with ``num_workers=0`` (the process's own state).
 
     Args:
         data_dir: directory containing (or to receive) ``cifar-10-batches-py``.
