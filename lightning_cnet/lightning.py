@@ -21,6 +21,13 @@ L = _LIGHTNING.module
 from lightning_cnet.callbacks.depth_refinement import DepthRefinementMixin  # noqa: E402
 from lightning_cnet.callbacks.manifestation_monitor import ManifestationMonitorMixin  # noqa: E402
 from lightning_cnet.classification import ClassificationTask  # noqa: E402
+from lightning_cnet.data._lightning import (  # noqa: E402
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    DigitsDataModule,
+    HardDigitsDataModule,
+    ImageFolderDataModule,
+)
 
 
 class ContinuousNetClassifier(ClassificationTask, L.LightningModule):
@@ -38,4 +45,13 @@ class ManifestationMonitor(ManifestationMonitorMixin, L.Callback):
     lightning = _LIGHTNING
 
 
-__all__ = ["ContinuousNetClassifier", "DepthRefinementCallback", "ManifestationMonitor"]
+__all__ = [
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "ContinuousNetClassifier",
+    "DepthRefinementCallback",
+    "DigitsDataModule",
+    "HardDigitsDataModule",
+    "ImageFolderDataModule",
+    "ManifestationMonitor",
+]

@@ -509,3 +509,62 @@ def test_datamodules_build_from_their_signature(cls, args):
     if cls is not ImageFolderDataModule:  # that one reads its folder when built
         dm = parser.instantiate(config).data
         assert isinstance(dm.num_classes, int) and isinstance(dm.image_size, int)
+
+
+# --------------------------------------------------------------------------------------------
+# Training order and augmentation: functions of (seed, epoch) only
+
+
+def cifar_module(root: Path, num_workers: int) -> CIFAR10DataModule:
+    dm = CIFAR10DataModule(data_dir=str(root), batch_size=5, num_workers=num_workers, val_size=5, seed=2)
+    dm.setup("fit")
+    return dm
+
+
+def folder_module(root: Path, num_workers: int) -> ImageFolderDataModule:
+    dm = ImageFolderDataModule(root=str(root), image_size=8, batch_size=4, num_workers=num_workers, seed=2)
+    dm.setup("fit")
+    return dm
+
+
+@pytest.fixture
+def augmented(request, tmp_path, folder_root):
+    """A builder of the CIFAR-10 or the image-folder DataModule (with a `val` folder), by number of workers."""
+    if request.param == "cifar":
+        write_cifar10(tmp_path / "cifar")
+        return lambda workers: cifar_module(tmp_path / "cifar", workers)
+    write_png(folder_root / "val" / "cat" / "v.png", np.zeros((8, 8, 3), dtype=np.uint8))
+    return lambda workers: folder_module(folder_root, workers)
+
+
+@pytest.mark.parametrize("augmented", ["cifar", "folder"], indirect=True)
+def test_augmentation_follows_seed_epoch_and_sample(augmented):
+    def epoch_batches(workers: int, epoch: int, resume: dict | None = None) -> list[tuple[torch.Tensor, ...]]:
+        loader = augmented(workers).train_dataloader()
+        if resume is not None:
+            loader.load_state_dict(resume)
+        loader.sampler.set_epoch(epoch)
+        return [tuple(batch) for batch in loader]
+
+    torch.manual_seed(0)
+    reference = {epoch: epoch_batches(0, epoch) for epoch in (0, 1)}
+    torch.manual_seed(1)  # neither the order nor the augmentation draws from the global generator
+    for workers in (0, 2):
+        again = epoch_batches(workers, 1)
+        assert len(again) == len(reference[1]) >= 3
+        assert all(torch.equal(a, b) for batch, expected in zip(again, reference[1]) for a, b in zip(batch, expected))
+    # resumed after two batches of epoch 1, with workers: the rest of the epoch, augmentation included
+    state = {"epoch": 1, "batches": 2, "batch_size": augmented(0).hparams.batch_size,
+             "batches_per_epoch": len(reference[1])}
+    resumed = epoch_batches(2, 1, resume=state)
+    assert len(resumed) == len(reference[1]) - 2
+    assert all(torch.equal(a, b) for batch, expected in zip(resumed, reference[1][2:]) for a, b in zip(batch, expected))
+
+    dataset = augmented(0).train_dataset
+    before = torch.get_rng_state()
+    views = {epoch: torch.stack([dataset[(epoch, i)][0] for i in range(len(dataset))]) for epoch in (0, 1, 2)}
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(views[1], torch.stack([dataset[(1, i)][0] for i in range(len(dataset))]))
+    # a crop and flip drawn afresh per epoch: most samples look different in each epoch
+    changed = [(views[e] != views[e + 1]).flatten(1).any(1).float().mean().item() for e in (0, 1)]
+    assert min(changed) > 0.7

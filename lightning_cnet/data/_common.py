@@ -1,15 +1,20 @@
-"""Pieces shared by the DataModules: the missing-dataset error, seeded splits, the loader base class."""
+"""Pieces shared by the DataModules: the missing-dataset error, seeded splits, the loader logic.
+
+Nothing here imports Lightning: :class:`SplitDataMixin` is mixed with a ``LightningDataModule`` of either
+namespace by the concrete classes (``lightning_cnet.data`` and ``lightning_cnet.lightning``).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["DatasetNotFoundError"]
+from lightning_cnet.data.sampling import EpochKeySampler, ResumableDataLoader, Stream, derived_seed, torch_seeded
+
+__all__ = ["DatasetNotFoundError", "SplitDataMixin", "TransformedSubset"]
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -53,26 +58,50 @@ class TransformedSubset(Dataset):
 
     Lets the training and validation parts of one loaded dataset use different transforms
     without loading it twice. ``dataset`` must return ``(image, target)`` pairs.
+
+    With a ``seed``, items are addressed by ``(epoch, index)`` keys (as :class:`EpochKeySampler` yields them;
+    a plain index means epoch 0) and the torch random numbers that ``transform`` draws for sample ``index``
+    of ``epoch`` come from a generator seeded with ``(seed, epoch, index)``: random augmentation is then the
+    same with any number of workers, on any rank, and after any resume. Python's ``random`` and NumPy, if a
+    transform uses them, are not covered. The global torch generator is left as it was.
+
+    Example:
+        >>> from torchvision import transforms
+        >>> images = [(torch.zeros(1, 4, 4), 0), (torch.ones(1, 4, 4), 1)]
+        >>> crop = transforms.RandomCrop(4, padding=1)
+        >>> train = TransformedSubset(images, [1], crop, seed=0)
+        >>> torch.equal(train[(3, 0)][0], train[(3, 0)][0])
+        True
     """
 
-    def __init__(self, dataset: Dataset, indices: Sequence[int], transform: Callable[[Any], Any]) -> None:
+    def __init__(
+        self, dataset: Dataset, indices: Sequence[int], transform: Callable[[Any], Any], *, seed: int | None = None
+    ) -> None:
         self.dataset = dataset
         self.indices = list(indices)
         self.transform = transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, Any]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         image, target = self.dataset[self.indices[index]]
-        return self.transform(image), target
+        if self.seed is None:
+            return self.transform(image), target
+        with torch_seeded(derived_seed(self.seed, Stream.AUGMENTATION, epoch, index)):
+            return self.transform(image), target
 
 
-class SplitDataModule(pl.LightningDataModule):
+class SplitDataMixin:
     """Dataloaders over the ``train_dataset``, ``val_dataset`` and ``test_dataset`` that ``setup`` builds.
 
-    Subclasses save ``batch_size`` and ``num_workers`` as hyperparameters. Loaders use
-    persistent workers when ``num_workers > 0`` and pinned memory when CUDA is available.
+    Mixed with a ``LightningDataModule`` (which provides ``hparams``); subclasses save ``batch_size``,
+    ``num_workers`` and ``seed`` as hyperparameters. The training loader is a :class:`ResumableDataLoader`
+    over the sampler that :meth:`train_sampler` returns (its order depends only on ``seed`` and the epoch),
+    with workers started anew and seeded every epoch. The other loaders keep the order of their dataset and
+    use persistent workers when ``num_workers > 0``. All use pinned memory when CUDA is available.
     """
 
     def __init__(self) -> None:
@@ -87,7 +116,7 @@ class SplitDataModule(pl.LightningDataModule):
             raise RuntimeError(f"{type(self).__name__}.setup() must run for this stage before its dataloader")
         return dataset
 
-    def _loader(self, dataset: Dataset | None, **options: Any) -> DataLoader:
+    def _loader(self, dataset: Dataset | None) -> DataLoader:
         workers = self.hparams.num_workers
         return DataLoader(
             self._checked(dataset),
@@ -95,12 +124,23 @@ class SplitDataModule(pl.LightningDataModule):
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
-            **options,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches."""
-        return self._loader(self.train_dataset, shuffle=True)
+    def train_sampler(self, n: int) -> Sampler:
+        """The training order of ``n`` samples: an :class:`EpochKeySampler` seeded with ``seed``."""
+        return EpochKeySampler(n, self.hparams.seed)
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Shuffled training batches; the order of epoch ``e`` depends only on ``(seed, e)``."""
+        dataset = self._checked(self.train_dataset)
+        return ResumableDataLoader(
+            dataset,
+            seed=self.hparams.seed,
+            sampler=self.train_sampler(len(dataset)),
+            batch_size=self.hparams.batch_size,
+            num_workers=self.hparams.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches, in a fixed order and without augmentation."""

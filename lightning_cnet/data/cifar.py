@@ -1,4 +1,8 @@
-"""CIFAR-10 and CIFAR-100 through torchvision, with a seeded held-out validation split."""
+"""CIFAR-10 and CIFAR-100 through torchvision, with a seeded held-out validation split.
+
+The DataModule logic is in namespace-free mixins; ``lightning_cnet.data`` and ``lightning_cnet.lightning``
+make them concrete for ``pytorch_lightning`` and ``lightning.pytorch``.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +15,14 @@ from torchvision.datasets.utils import check_md5
 
 from lightning_cnet.data._common import (
     DatasetNotFoundError,
-    SplitDataModule,
+    SplitDataMixin,
     TransformedSubset,
     check_positive,
     seeded_split,
 )
+from lightning_cnet.data.sampling import check_seed
 
-__all__ = ["CIFAR10DataModule", "CIFAR100DataModule"]
+__all__ = ["CIFAR10DataMixin", "CIFAR100DataMixin"]
 
 
 def _presence_only(files: list[list[str]]) -> list[list[str | None]]:
@@ -45,7 +50,7 @@ class _CIFAR100Files(datasets.CIFAR100):
     meta = {**datasets.CIFAR100.meta, "md5": None}
 
 
-class _CIFARDataModule(SplitDataModule):
+class _CIFARDataMixin(SplitDataMixin):
     """Shared implementation of the CIFAR DataModules; subclasses set the class attributes."""
 
     dataset_name: ClassVar[str]
@@ -71,6 +76,7 @@ class _CIFARDataModule(SplitDataModule):
     ) -> None:
         super().__init__()
         check_positive(batch_size=batch_size)
+        check_seed(seed)
         if num_workers < 0 or val_size < 0:
             raise ValueError(f"`num_workers` and `val_size` must be >= 0, got {num_workers} and {val_size}")
         self.save_hyperparameters()
@@ -155,21 +161,17 @@ class _CIFARDataModule(SplitDataModule):
         if stage in (None, "fit", "validate") and self.train_dataset is None:
             full = self._reader(root, train=True)
             train_indices, val_indices = seeded_split(len(full), self.hparams.val_size, self.hparams.seed)
-            self.train_dataset = TransformedSubset(full, train_indices, self.train_transform)
+            self.train_dataset = TransformedSubset(full, train_indices, self.train_transform, seed=self.hparams.seed)
             self.val_dataset = TransformedSubset(full, val_indices, self.eval_transform)
         if stage in (None, "test", "predict") and self.test_dataset is None:
             self.test_dataset = self._reader(root, train=False, transform=self.eval_transform)
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled, augmented training batches (random crop with 4-pixel padding, horizontal flip)."""
-        return self._loader(self.train_dataset, shuffle=True)
 
     def test_dataloader(self) -> DataLoader:
         """Batches of the official test set."""
         return self._loader(self.test_dataset)
 
 
-class CIFAR10DataModule(_CIFARDataModule):
+class CIFAR10DataMixin(_CIFARDataMixin):
     """CIFAR-10 (32x32 colour images, 10 classes) through torchvision.
 
     The official training set is split, by a permutation seeded with ``seed``, into
@@ -180,16 +182,28 @@ class CIFAR10DataModule(_CIFARDataModule):
     and ``std``). Files are checked for presence; ``verify_md5=True`` also checks their
     md5 sums. A missing dataset raises :class:`DatasetNotFoundError`, naming the folder.
 
+    Everything random derives from ``seed``: the split, the training order of epoch ``e`` (from
+    ``(seed, e)``) and the augmentation of training image ``i`` in epoch ``e`` (torch's generator
+    is seeded from ``(seed, e, i)`` for its crop and flip). The batches are therefore the same
+    with any number of workers and after resuming from an end-of-epoch or a mid-epoch checkpoint.
+    Under DDP, Lightning permutes each epoch's order once more with the Trainer's global seed and
+    the epoch, and gives each rank a disjoint shard.
+    A ``train_transform`` of your own that draws from Python's ``random`` or NumPy is covered
+    only through the worker seeds: reproducible with the same ``num_workers > 0`` (each epoch's
+    workers are seeded from ``(seed, e)``), not with ``num_workers=0`` (the process's own state).
+
     Args:
         data_dir: directory containing (or to receive) ``cifar-10-batches-py``.
         download: download and extract the dataset in ``prepare_data`` if it is missing.
         batch_size: samples per batch for every split.
         num_workers: ``DataLoader`` worker processes.
         val_size: number of training images held out for validation (0 for none).
-        seed: seed of the train/validation split.
+        seed: non-negative seed of the train/validation split, the training order and the
+            augmentation.
         verify_md5: check the md5 sums of the files against the published ones.
 
     Example:
+        >>> from lightning_cnet.data import CIFAR10DataModule
         >>> dm = CIFAR10DataModule(data_dir="data", download=True)
         >>> dm.num_classes, dm.in_chans, dm.image_size
         (10, 3, 32)
@@ -207,11 +221,11 @@ class CIFAR10DataModule(_CIFARDataModule):
     std = (0.2470, 0.2435, 0.2616)
 
 
-class CIFAR100DataModule(_CIFARDataModule):
+class CIFAR100DataMixin(_CIFARDataMixin):
     """CIFAR-100 (32x32 colour images, 100 fine classes) through torchvision.
 
-    Same splits, augmentation and checks as :class:`CIFAR10DataModule`; labels are the 100
-    fine classes, and normalisation uses CIFAR-100's own per-channel mean and standard
+    Same splits, augmentation, seeding and checks as :class:`CIFAR10DataModule`; labels are
+    the 100 fine classes, and normalisation uses CIFAR-100's own per-channel mean and standard
     deviation.
 
     Args:
@@ -220,10 +234,12 @@ class CIFAR100DataModule(_CIFARDataModule):
         batch_size: samples per batch for every split.
         num_workers: ``DataLoader`` worker processes.
         val_size: number of training images held out for validation (0 for none).
-        seed: seed of the train/validation split.
+        seed: non-negative seed of the train/validation split, the training order and the
+            augmentation.
         verify_md5: check the md5 sums of the files against the published ones.
 
     Example:
+        >>> from lightning_cnet.data import CIFAR100DataModule
         >>> dm = CIFAR100DataModule(data_dir="data", val_size=2000)
         >>> dm.num_classes, dm.in_chans, dm.image_size
         (100, 3, 32)

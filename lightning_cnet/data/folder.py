@@ -1,4 +1,8 @@
-"""Any image classification dataset laid out as torchvision ``ImageFolder`` directories."""
+"""Any image classification dataset laid out as torchvision ``ImageFolder`` directories.
+
+The DataModule logic is in a namespace-free mixin; ``lightning_cnet.data`` and ``lightning_cnet.lightning``
+make it concrete for ``pytorch_lightning`` and ``lightning.pytorch``.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,14 @@ from torchvision import datasets, transforms
 
 from lightning_cnet.data._common import (
     DatasetNotFoundError,
-    SplitDataModule,
+    SplitDataMixin,
     TransformedSubset,
     check_positive,
     seeded_split,
 )
+from lightning_cnet.data.sampling import check_seed
 
-__all__ = ["ImageFolderDataModule"]
+__all__ = ["ImageFolderDataMixin"]
 
 _LAYOUT = "root/train/<class>/<image>, optionally root/val/<class>/<image> and root/test/<class>/<image>"
 
@@ -41,7 +46,7 @@ class _FixedClassFolder(datasets.ImageFolder):
         return classes, dict(self._given_class_to_idx)
 
 
-class ImageFolderDataModule(SplitDataModule):
+class ImageFolderDataMixin(SplitDataMixin):
     """Images in class folders, read with torchvision's ``ImageFolder``.
 
     Expects ``root/train/<class>/<image>``; ``root/val`` and ``root/test`` (same layout) are
@@ -55,6 +60,16 @@ class ImageFolderDataModule(SplitDataModule):
     ``[-1, 1]`` (mean 0.5, standard deviation 0.5 per channel). Training images are also
     augmented with a random crop (zero padding of ``image_size // 8``) and horizontal flip.
 
+    Everything random derives from ``seed``: the held-out split, the training order of epoch
+    ``e`` (from ``(seed, e)``) and the augmentation of training image ``i`` in epoch ``e``
+    (torch's generator is seeded from ``(seed, e, i)``). The batches are therefore the same
+    with any number of workers and after resuming from an end-of-epoch or a mid-epoch
+    checkpoint. Under DDP, Lightning permutes each epoch's order once more with the Trainer's
+    global seed and the epoch, and gives each rank a disjoint shard.
+    A ``train_transform`` of your own that draws from Python's ``random`` or NumPy is covered
+    only through the worker seeds: reproducible with the same ``num_workers > 0`` (each epoch's
+    workers are seeded from ``(seed, e)``), not with ``num_workers=0`` (the process's own state).
+
     Args:
         root: directory holding the ``train`` folder (and optional ``val`` and ``test``).
         image_size: side of the square images fed to the model.
@@ -62,7 +77,8 @@ class ImageFolderDataModule(SplitDataModule):
         num_workers: ``DataLoader`` worker processes.
         val_fraction: fraction of the training images held out when there is no ``val``
             folder (0 for none).
-        seed: seed of the train/validation split.
+        seed: non-negative seed of the train/validation split, the training order and the
+            augmentation.
         in_chans: number of image channels, 1 or 3.
 
     Attributes:
@@ -73,6 +89,7 @@ class ImageFolderDataModule(SplitDataModule):
         DatasetNotFoundError: ``root/train`` does not exist or holds no class folder.
 
     Example:
+        >>> from lightning_cnet.data import ImageFolderDataModule
         >>> dm = ImageFolderDataModule(root="path/to/dataset", image_size=64)  # doctest: +SKIP
         >>> dm.num_classes  # doctest: +SKIP
         5
@@ -95,6 +112,7 @@ class ImageFolderDataModule(SplitDataModule):
     ) -> None:
         super().__init__()
         check_positive(image_size=image_size, batch_size=batch_size)
+        check_seed(seed)
         if num_workers < 0:
             raise ValueError(f"`num_workers` must be >= 0, got {num_workers}")
         if not 0 <= val_fraction < 1:
@@ -158,19 +176,16 @@ class ImageFolderDataModule(SplitDataModule):
 
     def _setup_train_val(self) -> None:
         train_dir, val_dir = self._folder("train"), self._folder("val", required=False)
+        full = datasets.ImageFolder(str(train_dir))
+        seed = self.hparams.seed
         if val_dir.is_dir():
-            self.train_dataset = datasets.ImageFolder(str(train_dir), transform=self.train_transform)
+            self.train_dataset = TransformedSubset(full, range(len(full)), self.train_transform, seed=seed)
             self.val_dataset = _FixedClassFolder(str(val_dir), self.class_to_idx, transform=self.eval_transform)
             return
-        full = datasets.ImageFolder(str(train_dir))
         n_val = round(self.hparams.val_fraction * len(full))
-        train_indices, val_indices = seeded_split(len(full), n_val, self.hparams.seed)
-        self.train_dataset = TransformedSubset(full, train_indices, self.train_transform)
+        train_indices, val_indices = seeded_split(len(full), n_val, seed)
+        self.train_dataset = TransformedSubset(full, train_indices, self.train_transform, seed=seed)
         self.val_dataset = TransformedSubset(full, val_indices, self.eval_transform)
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled, augmented training batches."""
-        return self._loader(self.train_dataset, shuffle=True)
 
     def test_dataloader(self) -> DataLoader:
         """Batches of ``root/test``."""
