@@ -218,8 +218,9 @@ def test_quick_run_writes_the_table_the_summary_and_the_figure(tmp_path: Path) -
     with outputs["errors"].open() as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0])[:6] == ["scheme_train", "scheme_eval", "h", "h_over_h0", "n_seeds", "error_mean"]
+    schemes = ("euler", "midpoint", "rk4")
     assert {(r["scheme_train"], r["scheme_eval"]) for r in rows} == {
-        (train, evaluation) for train in ("true", "euler", "midpoint", "rk4") for evaluation in ("euler", "midpoint", "rk4")
+        (train, evaluation) for train in ("true", *schemes) for evaluation in schemes
     }
     steps = sorted({float(r["h"]) for r in rows})
     assert len(rows) == 12 * len(steps) and steps[0] == pytest.approx(0.01 / 20) and steps[-1] == pytest.approx(0.2)
