@@ -18,8 +18,9 @@ What a refinement does, at the start of a scheduled epoch and on every rank at t
    ``refinement/*``.
 
 Whether to refine is decided by comparing the model's current level (read from its ``n_steps``) with the
-level the schedule asks for at the current epoch, so resuming from an end-of-epoch or mid-epoch checkpoint
-never refines twice or skips one.
+level the schedule asks for at the current epoch, at the start of every epoch and at its first batch (Lightning
+skips the epoch-start hook after a restart from a checkpoint written on an epoch's last batch), so resuming from
+an end-of-epoch or mid-epoch checkpoint never refines twice or skips one.
 """
 
 from __future__ import annotations
@@ -247,17 +248,31 @@ class DepthRefinementMixin:
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         """Refine until the model has the level the schedule asks for at this epoch."""
+        level, refined = self._catch_up(trainer, pl_module)
+        pl_module.log("refinement/level", float(level), on_step=False, on_epoch=True, sync_dist=True)
+        pl_module.log("refinement/refined", float(refined), on_step=False, on_epoch=True, sync_dist=True)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        """Refine at the first batch of an epoch whose start hook Lightning skipped: after a restart from a
+        checkpoint written on the last batch of the previous epoch, ``on_train_epoch_start`` is not called."""
+        if batch_idx == 0:
+            level, refined = self._catch_up(trainer, pl_module)
+            if refined:
+                pl_module.log("refinement/refined", 1.0, on_step=False, on_epoch=True, sync_dist=True)
+
+    def _catch_up(self, trainer: Any, pl_module: Any) -> tuple[int, bool]:
+        """Refine until the model's level is the one the schedule asks for at the current epoch; return the level
+        and whether a refinement happened. Deciding from the model's level (not from hooks seen) never refines twice
+        or skips one, whatever checkpoint training resumed from."""
         nets = refinable_modules(pl_module)
         epoch = trainer.current_epoch
         level = self.current_level(nets)
         target = self.schedule.target_level(epoch, cap=self._cap_level())
-        refined_now = False
+        refined = level < target
         while level < target:
             self._refine_once(trainer, pl_module, nets, epoch, level)
             level += 1
-            refined_now = True
-        pl_module.log("refinement/level", float(level), on_step=False, on_epoch=True, sync_dist=True)
-        pl_module.log("refinement/refined", float(refined_now), on_step=False, on_epoch=True, sync_dist=True)
+        return level, refined
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -62,6 +62,11 @@ class RefinementSchedule:
         if callable(refine_at):
             self._callable = refine_at
             return
+        if not isinstance(refine_at, (int, float, list, tuple)):
+            raise ValueError(
+                f"refine_at={refine_at!r} is not a schedule: expected an epoch, a fraction of max_epochs, a list of "
+                "them, or a callable epoch -> bool"
+            )
         entries = [refine_at] if isinstance(refine_at, (int, float)) else list(refine_at)
         self._entries = [_check_entry(value) for value in entries]
         if all(isinstance(value, int) for value in self._entries):

@@ -31,12 +31,15 @@ from types import MethodType
 from typing import Any, NoReturn
 
 import pytorch_lightning as pl
+import torch
 import yaml
 from torch.optim import Optimizer
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, ProgressBar, RichProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
+from lightning_cnet.callbacks import refinable_modules
 from lightning_cnet.data import DatasetNotFoundError
 from lightning_cnet.module import ContinuousNetClassifier
 
@@ -45,8 +48,9 @@ DEFAULT_MODEL = "lightning_cnet.module.ContinuousNetClassifier"
 DEFAULT_DATA = "lightning_cnet.data.DigitsDataModule"
 #: Model arguments that are taken from the data module (``data.X`` is linked to ``model.init_args.X``).
 LINKED_FROM_DATA = ("num_classes", "in_chans")
-#: Messages of ``RuntimeError``s that mean a checkpoint does not fit the model.
-_CHECKPOINT_MISMATCH = ("size mismatch", "Missing key", "Unexpected key")
+#: Model options compared with a loaded checkpoint (``n_steps`` only when given on the command line: a config's
+#: ``n_steps`` is where training starts, before refinement).
+MANIFESTATION_OPTIONS = ("model", "scheme", "n_steps")
 
 
 class UsageError(Exception):
@@ -79,7 +83,11 @@ class ContinuousNetCLI(LightningCLI):
         # Runs with a logger save config.yaml in their own version directory; without one it goes to the
         # working directory, where the previous run's copy is replaced rather than aborting the new run.
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        self._explicit_links = explicit_linked_arguments(sys.argv[1:] if args is None else args)
+        arguments = list(sys.argv[1:] if args is None else args)
+        self._explicit_links = explicit_linked_arguments(arguments)
+        self._explicit_model_options = explicit_model_options(arguments, MANIFESTATION_OPTIONS)
+        self._command_line_model_options = explicit_model_options(arguments, MANIFESTATION_OPTIONS, configs=False)
+        self._requested_manifestation: dict[str, Any] = {}
         super().__init__(
             ContinuousNetClassifier,
             pl.LightningDataModule,
@@ -98,9 +106,20 @@ class ContinuousNetCLI(LightningCLI):
         parser.set_defaults({
             "checkpoint.monitor": "val_acc",
             "checkpoint.mode": "max",
-            "checkpoint.save_last": True,
             "checkpoint.filename": "best-{epoch}-{val_acc:.4f}",
         })
+
+    def _parse_ckpt_path(self) -> None:
+        """Check the ``--ckpt_path`` file and the explicit model options against it before LightningCLI reads its
+        hyperparameters into the config (which would silently replace the explicit options)."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path:
+            stored = read_checkpoint(path)
+            self._requested_manifestation = requested_manifestation(
+                subcommand, stored, self._explicit_model_options, self._command_line_model_options
+            )
+        super()._parse_ckpt_path()
 
     def after_instantiate_classes(self) -> None:
         """Reject a ``num_classes``/``in_chans`` given for the model that differs from the data's."""
@@ -122,7 +141,13 @@ class ContinuousNetCLI(LightningCLI):
             self.model.configure_optimizers = MethodType(_on_current_parameters(configure), self.model)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> pl.Trainer:
-        """Add the rich progress bar when ``rich`` is installed and no other progress bar is configured."""
+        """Add the ``last.ckpt`` checkpoint beside the best one, the requested manifestation of a loaded checkpoint,
+        and the rich progress bar when ``rich`` is installed and no other progress bar is configured."""
+        best = next((cb for cb in callbacks if isinstance(cb, ModelCheckpoint)), None)
+        if best is not None:
+            callbacks = [*callbacks, last_checkpoint(best.dirpath)]
+        if self._requested_manifestation:
+            callbacks = [*callbacks, RequestedManifestation(**self._requested_manifestation)]
         configured = list(config.get("callbacks") or []) + list(callbacks)
         if (
             find_spec("rich") is not None
@@ -181,21 +206,36 @@ def default_trainer_settings() -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- errors
 def is_user_error(err: BaseException) -> bool:
-    """Whether ``err`` comes from bad input (reported in one line) rather than from a defect."""
-    if isinstance(err, (UsageError, ValueError, DatasetNotFoundError, MisconfigurationException, FileNotFoundError)):
+    """Whether ``err`` comes from bad input (reported in one line) rather than from a defect.
+
+    Bad input is this CLI's own :class:`UsageError`, a missing dataset, and the ``ValueError``s and
+    ``MisconfigurationException``s the package raises itself when it checks its arguments (told apart by where they
+    were raised); any other exception is a defect and keeps its traceback.
+    """
+    if isinstance(err, (UsageError, DatasetNotFoundError)):
         return True
-    return isinstance(err, RuntimeError) and any(text in str(err) for text in _CHECKPOINT_MISMATCH)
+    return isinstance(err, (ValueError, MisconfigurationException)) and _raised_in(err, ("lightning_cnet.",
+                                                                                        "jsonargparse"))
 
 
-def one_line(err: BaseException) -> str:
-    """The message of ``err`` on one line."""
-    if isinstance(err, RuntimeError) and any(text in str(err) for text in _CHECKPOINT_MISMATCH):
-        key = re.search(r'(?:size mismatch for|Missing key\(s\) in state_dict:|Unexpected key\(s\) in state_dict:)'
-                        r'\s*"?([\w.]+)', str(err))
-        where = f" (first difference: {key.group(1)})" if key else ""
-        return f"the checkpoint does not fit the model{where}; use the config it was trained with"
-    text = " ".join(part.strip() for part in str(err).splitlines() if part.strip())
-    return text or type(err).__name__
+def _raised_in(err: BaseException, modules: tuple[str, ...]) -> bool:
+    """Whether ``err`` was raised by code of one of ``modules`` (the package's checks, or the argument parser's
+    while it validates and instantiates classes)."""
+    traceback = err.__traceback__
+    if traceback is None:
+        return False
+    while traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return traceback.tb_frame.f_globals.get("__name__", "").startswith(modules)
+
+
+def one_line(err: BaseException, limit: int = 200) -> str:
+    """The message of ``err`` on one line of at most ``limit`` characters, leading with the specific problem of a
+    parser error's list (``Errors: - ...``) rather than its generic header."""
+    lines = [part.strip() for part in str(err).splitlines() if part.strip()]
+    bullets = _meaningful_bullets(lines)
+    text = bullets[0] if bullets else " ".join(lines) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def condense_parser_error(message: str, parser: Any = None) -> str:
@@ -276,11 +316,19 @@ def explicit_linked_arguments(args: Sequence[str]) -> dict[str, Any]:
 
     They are taken from the data, so jsonargparse drops them silently; the CLI checks them against the data.
     """
+    return explicit_model_options(args, LINKED_FROM_DATA)
+
+
+def explicit_model_options(args: Sequence[str], names: Sequence[str], *, configs: bool = True) -> dict[str, Any]:
+    """Model init arguments ``names`` given on the command line (and, with ``configs``, in ``--config`` files), the
+    last one winning as in jsonargparse."""
     found: dict[str, Any] = {}
+    pattern = r"(?:\w+\.)?model\.(?:init_args\.)?(" + "|".join(names) + ")"
     for key, value in _key_values(list(args)):
         if key == "config" or key.endswith(".config"):
-            found.update(_linked_in_yaml(value))
-        elif re.fullmatch(r"(?:\w+\.)?model\.(?:init_args\.)?(" + "|".join(LINKED_FROM_DATA) + ")", key):
+            if configs:
+                found.update(_model_options_in_yaml(value, names))
+        elif re.fullmatch(pattern, key):
             found[key.rsplit(".", 1)[1]] = _literal(value)
     return found
 
@@ -297,7 +345,7 @@ def _key_values(args: list[str]) -> Iterator[tuple[str, str]]:
         yield ("config" if key == "c" else key), value
 
 
-def _linked_in_yaml(path: str) -> dict[str, Any]:
+def _model_options_in_yaml(path: str, names: Sequence[str]) -> dict[str, Any]:
     try:
         content = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError):
@@ -306,7 +354,106 @@ def _linked_in_yaml(path: str) -> dict[str, Any]:
     if not isinstance(model, dict):
         return {}
     init_args = model.get("init_args", model)
-    return {name: init_args[name] for name in LINKED_FROM_DATA if isinstance(init_args, dict) and name in init_args}
+    return {name: init_args[name] for name in names if isinstance(init_args, dict) and name in init_args}
+
+
+# ---------------------------------------------------------------------- checkpoints given with --ckpt_path
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """The hyperparameters and the per-stage resolution stored in a checkpoint file.
+
+    Raises:
+        UsageError: a missing, unreadable, truncated or non-Lightning file, named with its problem.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"{path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # noqa: BLE001 - whatever torch cannot read is not a checkpoint
+        raise UsageError(f"{path}: not a readable checkpoint ({one_line(error, 120)})") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise UsageError(f"{path}: not a Lightning checkpoint (it has no state_dict)")
+    state = checkpoint["state_dict"]
+    stages = []
+    index = 0
+    while f"model.stages.{index}.resolution.n_steps" in state:
+        prefix = f"model.stages.{index}.resolution."
+        stages.append({"scheme": bytes(state[prefix + "scheme"].tolist()).decode("utf-8", "replace"),
+                       "n_steps": int(state[prefix + "n_steps"].item())})
+        index += 1
+    return {"path": path, "hyper_parameters": checkpoint.get("hyper_parameters") or {}, "stages": stages}
+
+
+def requested_manifestation(
+    subcommand: str, stored: dict[str, Any], explicit: dict[str, Any], command_line: dict[str, Any]
+) -> dict[str, Any]:
+    """What explicit options ask of a loaded checkpoint's model: another model is refused; another scheme (or step
+    count given on the command line) is applied when evaluating (``validate``, ``test``, ``predict``) and refused
+    when resuming ``fit``.
+
+    Returns:
+        ``{"scheme": ..., "n_steps": ...}`` to apply after the checkpoint is loaded (possibly empty).
+
+    Raises:
+        UsageError: another model, or a manifestation change while resuming training.
+    """
+    path, trained_model = stored["path"], stored["hyper_parameters"].get("model")
+    if "model" in explicit and trained_model is not None and explicit["model"] != trained_model:
+        raise UsageError(f"{path} holds a {trained_model!r} model but the options ask for {explicit['model']!r}; "
+                         "use the config the checkpoint was trained with")
+    stages = stored["stages"]
+    request = {}
+    if "scheme" in explicit and any(stage["scheme"] != explicit["scheme"] for stage in stages):
+        request["scheme"] = explicit["scheme"]
+    if "n_steps" in command_line and any(stage["n_steps"] != command_line["n_steps"] for stage in stages):
+        request["n_steps"] = command_line["n_steps"]
+    if request and subcommand == "fit":
+        trained = ", ".join(f"{stage['scheme']} {stage['n_steps']}" for stage in stages)
+        asked = ", ".join(f"{key}={value}" for key, value in request.items())
+        raise UsageError(f"resuming fit cannot change the manifestation to {asked}: the checkpoint was trained with "
+                         f"(scheme, steps per stage) {trained}; remove those options, or evaluate with them "
+                         f"(validate, test, predict); checkpoint: {path}")
+    return request
+
+
+class RequestedManifestation(Callback):
+    """Evaluate a loaded checkpoint's model at the manifestation the explicit options ask for.
+
+    Args:
+        scheme: Runge-Kutta scheme to evaluate with (``None``: as trained).
+        n_steps: steps per stage (``None``: as trained).
+    """
+
+    def __init__(self, scheme: str | None = None, n_steps: int | None = None) -> None:
+        self.scheme = scheme
+        self.n_steps = n_steps
+
+    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            return
+        for net in refinable_modules(pl_module):
+            before = net.stage_resolutions
+            net.set_manifestation(scheme=self.scheme, n_steps=self.n_steps)
+            rank_zero_info(f"{PROG}: evaluating at {net.stage_resolutions[0].scheme}, "
+                           f"{'-'.join(str(r.n_steps) for r in net.stage_resolutions)} steps per stage as asked "
+                           f"(the checkpoint was trained with {before[0].scheme}, "
+                           f"{'-'.join(str(r.n_steps) for r in before)})")
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._apply(trainer, pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._apply(trainer, pl_module)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._apply(trainer, pl_module)
+
+
+def last_checkpoint(dirpath: str | None) -> ModelCheckpoint:
+    """A checkpoint callback writing ``last.ckpt`` (the state at the end of every epoch, replaced each time) into
+    ``dirpath`` (``None``: the run's ``checkpoints`` folder, where the best checkpoint goes too)."""
+    return ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1,
+                           enable_version_counter=False)
 
 
 def _literal(value: str) -> Any:
@@ -349,5 +496,6 @@ def main(args: Sequence[str] | None = None) -> None:
     except Exception as err:  # noqa: BLE001 - only user errors are reported; the rest is re-raised
         if not is_user_error(err):
             raise
-        sys.stderr.write(f"{PROG}: error: {one_line(err)}\n")
+        prefix = f"{PROG}: error: "
+        sys.stderr.write(f"{prefix}{one_line(err, 200 - len(prefix))}\n")
         raise SystemExit(2) from None

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from lightning_cnet._transaction import restored_on_error
 from lightning_cnet.integrators import get_scheme, validate_n_steps
@@ -149,6 +150,8 @@ class ContinuousNet(nn.Module):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes={num_classes!r} must be an integer >= 0")
         steps = _per_stage(n_steps, len(widths), "n_steps")
+        for n in steps:
+            validate_n_steps(n)
         pieces = [s if k is None else k for s, k in zip(steps, _per_stage(n_basis, len(widths), "n_basis"))]
         depths = _per_stage(T, len(widths), "T")
         self.stem = nn.Conv2d(in_chans, widths[0], 3, padding=1, bias=False)
@@ -173,6 +176,8 @@ class ContinuousNet(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Feature maps after each ODE stage (channels and reductions in :attr:`feature_info`)."""
+        if not is_fx_symbolic_tracing():
+            self._check_input(x)
         features = []
         x = self.stem(x)
         for index, stage in enumerate(self.stages):
@@ -181,6 +186,14 @@ class ContinuousNet(nn.Module):
             x = stage(x)
             features.append(x)
         return features
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        expected = self.stem.in_channels
+        if x.dim() != 4 or x.shape[1] != expected:
+            raise ValueError(
+                f"{type(self).__name__} expects images [batch, {expected}, height, width], got a tensor of shape "
+                f"{list(x.shape)}; build the model with in_chans={x.shape[1] if x.dim() == 4 else '...'} for such data"
+            )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The final feature map ``[B, num_features, H', W']``, normalised and activated."""

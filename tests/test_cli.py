@@ -140,3 +140,90 @@ def test_digits_config_reaches_its_accuracy(tmp_path):
                    cwd=tmp_path)
     assert test.returncode == 0, test.stderr[-3000:]
     assert test_accuracy(test.stdout) >= 0.975
+
+
+# ---------------------------------------------------------------------- checkpoints and explicit options
+def _fit_tiny(work: Path, *arguments: str, **overrides) -> Path:
+    config = {**TINY_CONFIG, "trainer": {**TINY_CONFIG["trainer"], "max_epochs": 3, "limit_train_batches": 3,
+                                         "limit_val_batches": 2, "enable_model_summary": False}}
+    config["model"] = {"init_args": {**TINY_CONFIG["model"]["init_args"], **overrides}}
+    path = work / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(path), *arguments])
+    return path
+
+
+def test_last_checkpoint_is_the_state_at_the_last_epoch_end(tmp_path, monkeypatch):
+    """The best checkpoint by the *lowest* validation accuracy is the untrained epoch 0, while last.ckpt must hold
+    epoch 2 (Lightning's save_last alone would leave it at the last improvement, epoch 0)."""
+    monkeypatch.chdir(tmp_path)
+    _fit_tiny(tmp_path, "--checkpoint.mode", "min")
+    checkpoints = tmp_path / "lightning_logs" / "tiny" / "version_0" / "checkpoints"
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["epoch"] == 2
+    (best,) = checkpoints.glob("best-*.ckpt")
+    assert best.name.startswith("best-epoch=0-") and torch.load(best, weights_only=True)["epoch"] == 0
+
+
+def test_a_corrupt_checkpoint_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = _fit_tiny(tmp_path)
+    last = tmp_path / "lightning_logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(os.urandom(4096))
+    not_lightning = tmp_path / "tensors.ckpt"
+    torch.save({"weights": torch.ones(3)}, not_lightning)
+    for path, problem in ((truncated, "not a readable checkpoint"), (garbage, "not a readable checkpoint"),
+                          (not_lightning, "not a Lightning checkpoint"), (tmp_path / "missing.ckpt", "no such")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main(["test", "--config", str(config), "--ckpt_path", str(path)])
+        assert exit_info.value.code == 2
+        errors = capsys.readouterr().err.strip().splitlines()
+        assert len(errors) == 1 and errors[0].startswith(f"lightning-cnet: error: {path}: {problem}"), errors
+        assert len(errors[0]) <= 200
+
+
+def test_an_explicit_scheme_is_applied_when_testing_and_refused_when_resuming(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = _fit_tiny(tmp_path)
+    last = tmp_path / "lightning_logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    tested = run_cli("test", "--config", str(config), "--ckpt_path", str(last), "--model.init_args.scheme", "rk4",
+                     "--model.init_args.n_steps", "3", cwd=tmp_path)
+    assert tested.returncode == 0, tested.stderr[-2000:]
+    assert "evaluating at rk4, 3-3-3 steps per stage as asked (the checkpoint was trained with euler, 1-1-1)" in \
+        tested.stderr + tested.stdout
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--ckpt_path", str(last), "--model.init_args.scheme", "rk4"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "resuming fit cannot change the manifestation to scheme=rk4" in error[0]
+
+
+def test_a_bad_step_count_is_named_as_such(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.init_args.n_steps", "0"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "n_steps=0 is not valid" in error[0] and "n_basis" not in error[0]
+
+
+class FailingCallback(pl.Callback):
+    """A defect, not bad input: the CLI must keep the traceback and the run directory."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        raise RuntimeError("a defect in a callback")
+
+
+def test_a_defect_keeps_its_traceback_and_the_run_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    config = {**TINY_CONFIG, "trainer": {**TINY_CONFIG["trainer"], "max_epochs": 1, "limit_train_batches": 1,
+                                         "limit_val_batches": 1,
+                                         "callbacks": [{"class_path": "test_cli.FailingCallback"}]}}
+    (tmp_path / "failing.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(RuntimeError, match="a defect in a callback"):
+        main(["fit", "--config", str(tmp_path / "failing.yaml")])
+    assert (tmp_path / "lightning_logs" / "tiny" / "version_0").is_dir()
