@@ -19,6 +19,7 @@ _LIGHTNING = lightning_namespace()
 L = _LIGHTNING.module
 
 from lightning_cnet.callbacks.depth_refinement import DepthRefinementMixin  # noqa: E402
+from lightning_cnet.callbacks.nonfinite_guard import NonFiniteError, NonFiniteGuardMixin  # noqa: E402
 from lightning_cnet.classification import ClassificationTask  # noqa: E402
 
 
@@ -32,4 +33,9 @@ class DepthRefinementCallback(DepthRefinementMixin, L.Callback):
     lightning = _LIGHTNING
 
 
-__all__ = ["ContinuousNetClassifier", "DepthRefinementCallback"]
+class NonFiniteGuard(NonFiniteGuardMixin, L.Callback):
+    __doc__ = NonFiniteGuardMixin.__doc__
+    lightning = _LIGHTNING
+
+
+__all__ = ["ContinuousNetClassifier", "DepthRefinementCallback", "NonFiniteError", "NonFiniteGuard"]
