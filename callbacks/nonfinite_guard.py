@@ -110,20 +110,50 @@ def _optimizer_params(optimizers: Sequence[torch.optim.Optimizer]) -> list[torch
     return [p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]]
 
 
-def _state_tensors(pl_module: nn.Module, optimizers: Sequence[torch.optim.Optimizer], gradients: bool,
-                   named: bool = False) -> dict[str, list[tuple[str, torch.Tensor]]]:
-    """The floating-point tensors of each checked category but the loss, named only if ``named`` (names cost a walk
-    over the submodules)."""
-    if named:
-        params, buffers = list(pl_module.named_parameters()), list(pl_module.named_buffers())
-    else:
-        params, buffers = [("", p) for p in pl_module.parameters()], [("", b) for b in pl_module.buffers()]
-    names = {id(p): name for name, p in params}
+class WatchedTensors:
+    """A module's floating-point parameters and buffers, gathered by a walk over its submodules and re-gathered only
+    when asked or when the optimizers' parameters change (a depth refinement replaces them): the walk costs more
+    than the check itself."""
+
+    def __init__(self) -> None:
+        self.parameters: list[torch.Tensor] = []
+        self.buffers: list[torch.Tensor] = []
+        self._optimizers: list[torch.optim.Optimizer] | None = None
+        self._held: list[torch.Tensor] = []
+
+    def update(self, module: nn.Module, optimizers: Sequence[torch.optim.Optimizer], force: bool = False) -> bool:
+        """Re-gather if ``force``, on the first call or if the optimizers or their parameters changed; return
+        whether it did."""
+        held = _optimizer_params(optimizers)
+        if (not force and self._optimizers is not None and _same_objects(optimizers, self._optimizers)
+                and _same_objects(held, self._held)):
+            return False
+        self.parameters = [p for p in module.parameters() if p.is_floating_point()]
+        self.buffers = [b for b in module.buffers() if _is_float_tensor(b)]
+        self._optimizers, self._held = list(optimizers), held
+        return True
+
+
+def _checked_tensors(watched: WatchedTensors, optimizers: Sequence[torch.optim.Optimizer],
+                     gradients: bool) -> list[torch.Tensor]:
+    """The floating-point tensors of every checked category but the loss (the per-step path: no names)."""
+    tensors = [p.grad for p in watched.parameters if _is_float_tensor(p.grad)] if gradients else []
+    tensors.extend(p.detach() for p in watched.parameters)
+    tensors.extend(watched.buffers)
+    tensors.extend(value for optimizer in optimizers for state in optimizer.state.values()
+                   for value in state.values() if _is_float_tensor(value))
+    return tensors
+
+
+def _named_checked_tensors(pl_module: nn.Module, optimizers: Sequence[torch.optim.Optimizer],
+                           gradients: bool) -> dict[str, list[tuple[str, torch.Tensor]]]:
+    """The checked tensors by category, with names, for the messages (the failure path)."""
+    params = [(name, p) for name, p in pl_module.named_parameters() if p.is_floating_point()]
     return {
-        "gradients": [(f"{name}.grad", p.grad) for name, p in params if gradients and _is_float_tensor(p.grad)],
-        "parameters": [(name, p.detach()) for name, p in params if p.is_floating_point()],
-        "buffers": [(name, b) for name, b in buffers if _is_float_tensor(b)],
-        "optimizer state": _named_state(optimizers, names),
+        "gradients": [(f"{name}.grad", p.grad) for name, p in params if _is_float_tensor(p.grad)] if gradients else [],
+        "parameters": [(name, p.detach()) for name, p in params],
+        "buffers": [(name, b) for name, b in pl_module.named_buffers() if _is_float_tensor(b)],
+        "optimizer state": _named_state(optimizers, {id(p): name for name, p in params}),
     }
 
 
@@ -388,8 +418,10 @@ class NonFiniteGuardMixin:
       only the two previous points protect the file.
 
     A check costs one fused reduction per device and dtype and one host synchronisation (under DDP one
-    all-reduce of 5 numbers, so that every rank decides alike); the exact, tensor-by-tensor scan that names the
-    culprits runs only when something is wrong.
+    all-reduce of two numbers, so that every rank decides alike); the exact, tensor-by-tensor scan that names the
+    culprits runs only when something is wrong. The check runs after the optimizer step, so by then a NaN loss
+    has usually spread to the gradients, the parameters and the optimizer state; the message says how many
+    tensors of each kind are affected.
 
     On a non-finite state:
 
@@ -480,6 +512,7 @@ class NonFiniteGuardMixin:
         self.rollbacks: list[dict[str, Any]] = []
         self._snapshot: TrainingStateSnapshot | None = None
         self._snapshot_step = 0
+        self._watched = WatchedTensors()
         self._batches = 0
         self._loss_finite: torch.Tensor | None = None
 
@@ -498,6 +531,7 @@ class NonFiniteGuardMixin:
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._snapshot = None
+        self._watched = WatchedTensors()
         self._batches = 0
         self._loss_finite = None
 
@@ -505,9 +539,10 @@ class NonFiniteGuardMixin:
         """Before the first step and after a refinement replaced the tensors: snapshot the (checked) state."""
         if self.on_nonfinite != "rollback":
             return
-        if self._snapshot is not None and self._snapshot.matches(pl_module, trainer.optimizers):
+        self._watch(trainer, pl_module, force=batch_idx == 0)
+        if self._snapshot is not None:
             return
-        found = self._nonfinite(trainer, pl_module, loss=None, gradients=False)
+        found = self._nonfinite(trainer, pl_module, loss=None, gradients=False, folded_losses=False)
         if found:
             raise self._error(trainer, pl_module, found, f"before batch {batch_idx} of the epoch, with no earlier "
                               "state of these tensors to restore (start of training, or right after a refinement)")
@@ -519,6 +554,7 @@ class NonFiniteGuardMixin:
         self._batches += 1
         loss = _loss_of(outputs)
         if self._batches % self.check_every_n_steps == 0:
+            self._watch(trainer, pl_module, force=batch_idx == 0)
             self._check(trainer, pl_module, loss, f"after the optimizer step of batch {batch_idx} of the epoch")
         elif loss is not None:
             finite = loss.isfinite().all()
@@ -527,10 +563,12 @@ class NonFiniteGuardMixin:
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         """Check before a validation run during fit (ModelCheckpoint saves at its end)."""
         if not getattr(trainer, "sanity_checking", False) and _fitting(trainer):
+            self._watch(trainer, pl_module, force=True)
             self._check(trainer, pl_module, None, "before validation")
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """Check at the end of an epoch (ModelCheckpoint saves here when there is no validation)."""
+        self._watch(trainer, pl_module, force=True)
         self._check(trainer, pl_module, None, "at the end of the epoch")
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
@@ -568,43 +606,47 @@ class NonFiniteGuardMixin:
             if self.on_nonfinite == "rollback":
                 self._keep(trainer, pl_module)
             return
-        if self.on_nonfinite == "rollback" and len(self.rollbacks) < self.max_rollbacks:
-            if self._snapshot is not None and self._snapshot.matches(pl_module, trainer.optimizers):
-                self._roll_back(trainer, pl_module, found, where)
-                return
+        if self.on_nonfinite == "rollback" and len(self.rollbacks) < self.max_rollbacks and self._snapshot is not None:
+            self._roll_back(trainer, pl_module, found, where)
+            return
         raise self._error(trainer, pl_module, found, where)
+
+    def _watch(self, trainer: Any, pl_module: Any, force: bool) -> None:
+        """Re-gather the watched tensors when needed; drop a snapshot that no longer matches the tensors."""
+        gathered = self._watched.update(pl_module, trainer.optimizers, force=force)
+        if gathered and self._snapshot is not None and not self._snapshot.matches(pl_module, trainer.optimizers):
+            self._snapshot = None
 
     def _keep(self, trainer: Any, pl_module: Any) -> None:
         """Make the snapshot hold the state that just passed a check."""
-        if self._snapshot is not None and self._snapshot.matches(pl_module, trainer.optimizers):
+        if self._snapshot is not None:
             self._snapshot.refresh()
         else:
             self._snapshot = TrainingStateSnapshot(pl_module, trainer.optimizers)
         self._snapshot_step = trainer.global_step
 
-    def _nonfinite(self, trainer: Any, pl_module: Any, loss: torch.Tensor | None,
-                   gradients: bool) -> dict[str, tuple[list[str], int]]:
+    def _nonfinite(self, trainer: Any, pl_module: Any, loss: torch.Tensor | None, gradients: bool,
+                   folded_losses: bool = True) -> dict[str, tuple[list[str], int]]:
         """What is non-finite on any rank: category -> (the culprits' names on this rank, tensors checked);
-        empty when everything is finite."""
-        tensors = _state_tensors(pl_module, trainer.optimizers, gradients)
-        params = tensors["parameters"]
-        device = params[0][1].device if params else trainer.strategy.root_device
-        loss_finite = self._loss_finite
-        self._loss_finite = None
+        empty when everything is finite. ``folded_losses``: include (and reset) the losses of unchecked batches."""
+        tensors = _checked_tensors(self._watched, trainer.optimizers, gradients)
+        device = tensors[0].device if tensors else trainer.strategy.root_device
+        loss_finite = None
+        if folded_losses:
+            loss_finite, self._loss_finite = self._loss_finite, None
         if loss is not None:
             finite = loss.isfinite().all()
             loss_finite = finite if loss_finite is None else loss_finite & finite
-        flags = [torch.ones((), dtype=torch.bool, device=device) if loss_finite is None else loss_finite.to(device)]
-        flags.extend(all_finite([tensor for _, tensor in group], device) for group in tensors.values())
-        suspects = [c for c, bad in zip(CATEGORIES, _reduced(trainer, (~torch.stack(flags)).float()).tolist()) if bad]
-        if not suspects:
+        loss_finite = torch.ones((), dtype=torch.bool, device=device) if loss_finite is None else loss_finite.to(device)
+        finite = torch.stack([loss_finite, all_finite(tensors, device)])
+        if not _reduced(trainer, (~finite).float()).any().item():  # the one host sync of a passing check
             return {}
         # the fused norms may overflow on finite tensors: confirm exactly, tensor by tensor (failure path only)
-        named = _state_tensors(pl_module, trainer.optimizers, gradients, named=True)
-        local = {c: (["loss"] if not bool(flags[0]) else []) if c == "loss" else nonfinite_names(named[c])
-                 for c in suspects}
-        confirmed = _reduced(trainer, torch.tensor([float(bool(local[c])) for c in suspects], device=device)).tolist()
-        return {c: (local[c], len(named.get(c, ["loss"]))) for c, bad in zip(suspects, confirmed) if bad}
+        named = _named_checked_tensors(pl_module, trainer.optimizers, gradients)
+        local = {"loss": [] if bool(loss_finite) else ["loss"]}
+        local.update((category, nonfinite_names(group)) for category, group in named.items())
+        confirmed = _reduced(trainer, torch.tensor([float(bool(local[c])) for c in CATEGORIES], device=device))
+        return {c: (local[c], len(named.get(c, [loss]))) for c, bad in zip(CATEGORIES, confirmed.tolist()) if bad}
 
     def _roll_back(self, trainer: Any, pl_module: Any, found: Findings, where: str) -> None:
         assert self._snapshot is not None

@@ -301,6 +301,7 @@ def test_exhausted_rollbacks_stop_with_the_message():
     assert "n_steps=1 n_basis=1 euler" in str(error.value)
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
 def test_rollbacks_are_counted_across_a_resume(tmp_path):
     guard = NonFiniteGuard("rollback", max_rollbacks=2, verbose=False)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)
@@ -309,10 +310,44 @@ def test_rollbacks_are_counted_across_a_resume(tmp_path):
     resumed = NonFiniteGuard("rollback", max_rollbacks=2, verbose=False)
     with pytest.raises(NonFiniteError) as error:
         trainer = pl.Trainer(**trainer_options(max_epochs=2, enable_checkpointing=True, callbacks=[
-            Corrupt({7, 8}), resumed, ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)]))
+            Corrupt({7, 8}), resumed, ModelCheckpoint(dirpath=tmp_path / "resumed", save_top_k=-1)]))
         trainer.fit(make_task(), datamodule=TinyDigits(), ckpt_path=tmp_path / "epoch=0-step=6.ckpt")
     assert [r["global_step"] for r in resumed.rollbacks] == [3, 8] and error.value.global_step == 9
     assert resumed.rollbacks[1]["lr"] == [0.0125]  # the halved rate of the first run was resumed, then halved
+
+
+# ---------------------------------------------------------------------- DDP
+class RankOneInfLoss(ContinuousNetClassifier):
+    """An infinite loss on rank 1 only, at global step 2: the (all-reduced) gradients stay finite, so only rank 1
+    can see that anything is wrong."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss + float("inf") if self.trainer.global_step == 2 and self.global_rank == 1 else loss
+
+
+class RanksAgree(pl.Callback):
+    """At the end of training: every rank rolled back once and holds the same parameters."""
+
+    def on_train_end(self, trainer, pl_module):
+        import torch.distributed as dist
+
+        guard = next(callback for callback in trainer.callbacks if isinstance(callback, NonFiniteGuard))
+        assert [r["global_step"] for r in guard.rollbacks] == [3]
+        flat = torch.cat([p.detach().reshape(-1) for p in pl_module.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, flat)
+        assert all(torch.equal(gathered[0], other) for other in gathered[1:]), "the ranks diverged"
+
+
+@pytest.mark.slow
+def test_ddp_ranks_roll_back_together_when_only_one_rank_sees_an_inf_loss():
+    """The decision is all-reduced: rank 0 saw nothing wrong and must roll back too, or the ranks diverge."""
+    trainer = pl.Trainer(**trainer_options(
+        strategy="ddp_spawn", devices=2, max_epochs=1, limit_train_batches=4, limit_val_batches=1,
+        callbacks=[NonFiniteGuard("rollback", verbose=False), RanksAgree()],
+    ))
+    trainer.fit(make_task(RankOneInfLoss), datamodule=TinyDigits())  # the assertions run in both ranks
 
 
 # ---------------------------------------------------------------------- lightning.pytorch
