@@ -18,7 +18,8 @@ forward, backward, optimizer step, Lightning's logging and the guard's hooks, wi
 the main thread's CPU time on CPU (``--clock cpu``: with one torch thread all the work runs on it, and time the
 core spends on other processes is not counted) and wall time with CUDA synchronisation on GPU (``--clock
 wall``). The table shows median step times, the median over cycles of the per-cycle ratio to ``none`` with its
-quartiles, and the time spent inside the guard's hooks alone (median per step), the direct part of its cost.
+quartiles, and the time spent inside the guard's hooks alone (median per step, and as a share of the step without a
+guard), the direct part of its cost and the steadier figure on a busy machine.
 
 Models: ``cnet_digits`` on scikit-learn's digits at 16x16 (``DigitsDataModule``, batch 64, the data of the
 shipped ``configs/digits.yaml``) and ``cnet_cifar`` on random 3x32x32 images (batch 32; the cost of a step does
@@ -249,7 +250,7 @@ def header(args: argparse.Namespace) -> str:
         f"{platform.python_version()}\n"
         f"# {args.warmup} warm-up + {args.cycles} timed cycles per fit, each configuration once per cycle in a "
         f"shuffled order; clock: {clock}; ratio = median [q1, q3] over cycles of step time / step time of none; "
-        "hooks = median time inside the guard's hooks per step"
+        "hooks = median time inside the guard's hooks per step (% of the median step of none)"
     )
 
 
@@ -259,13 +260,15 @@ def _ratio(values: tuple[float, float, float]) -> str:
 
 def print_table(rows: list[Row]) -> None:
     print(f"{'model':<12}{'batch':>6} {'scheme':<9}{'N':>3}{'params':>10} |{'none ms':>9}"
-          + "".join(f"{name + ' ms':>13}{name + '/none':>25}{'hooks ms':>10}" for name in GUARDS)
+          + "".join(f"{name + ' ms':>13}{name + '/none':>25}{'hooks ms':>10}{'hooks %':>9}" for name in GUARDS)
           + f" |{'anomaly/none':>25} |{'cycles':>7}")
     for r in rows:
         g = r.guards
         line = f"{r.model:<12}{r.batch:>6} {r.scheme:<9}{r.n_steps:>3}{r.parameters:>10,} |{g.milliseconds['none']:>9.2f}"
         for name in GUARDS:
-            line += f"{g.milliseconds[name]:>13.2f}{_ratio(g.ratios[name]):>25}{g.hook_milliseconds[name]:>10.3f}"
+            share = 100 * g.hook_milliseconds[name] / g.milliseconds["none"]
+            line += (f"{g.milliseconds[name]:>13.2f}{_ratio(g.ratios[name]):>25}{g.hook_milliseconds[name]:>10.3f}"
+                     f"{share:>8.1f}%")
         line += f" |{_ratio(r.anomaly.ratios['anomaly']) if r.anomaly else '-':>25} |{g.cycles:>7}"
         print(line)
 

@@ -421,7 +421,10 @@ class NonFiniteGuardMixin:
     all-reduce of two numbers, so that every rank decides alike); the exact, tensor-by-tensor scan that names the
     culprits runs only when something is wrong. The check runs after the optimizer step, so by then a NaN loss
     has usually spread to the gradients, the parameters and the optimizer state; the message says how many
-    tensors of each kind are affected.
+    tensors of each kind are affected. The parameters and buffers to check are gathered by a walk over the module
+    (which costs more than the check) at the first batch of every epoch, at the epoch-level checks and whenever
+    the optimizers' parameters change, as at a depth refinement; a tensor swapped in by other means in the middle
+    of an epoch is watched from the next of these points on (``on_save_checkpoint`` always sees it).
 
     On a non-finite state:
 
