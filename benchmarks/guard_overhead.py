@@ -264,7 +264,8 @@ def print_table(rows: list[Row]) -> None:
           + f" |{'anomaly/none':>25} |{'cycles':>7}")
     for r in rows:
         g = r.guards
-        line = f"{r.model:<12}{r.batch:>6} {r.scheme:<9}{r.n_steps:>3}{r.parameters:>10,} |{g.milliseconds['none']:>9.2f}"
+        line = (f"{r.model:<12}{r.batch:>6} {r.scheme:<9}{r.n_steps:>3}{r.parameters:>10,} |"
+                f"{g.milliseconds['none']:>9.2f}")
         for name in GUARDS:
             share = 100 * g.hook_milliseconds[name] / g.milliseconds["none"]
             line += (f"{g.milliseconds[name]:>13.2f}{_ratio(g.ratios[name]):>25}{g.hook_milliseconds[name]:>10.3f}"
@@ -312,7 +313,8 @@ def main() -> None:
         for n_steps in args.n_steps:
             rows.append(measure(model, n_steps, args))
             guards = rows[-1].guards
-            print(f"  {model} N={n_steps}: stop/none {guards.ratios['stop'][1]:.3f} ({guards.seconds:.0f} s)", flush=True)
+            print(f"  {model} N={n_steps}: stop/none {guards.ratios['stop'][1]:.3f} ({guards.seconds:.0f} s)",
+                  flush=True)
     print_table(rows)
 
 

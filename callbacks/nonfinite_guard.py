@@ -15,7 +15,6 @@ serves ``pytorch_lightning`` (``lightning_cnet.callbacks.NonFiniteGuard``) and `
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -110,7 +109,7 @@ def _optimizer_params(optimizers: Sequence[torch.optim.Optimizer]) -> list[torch
     return [p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]]
 
 
-class WatchedTensors:
+class _WatchedTensors:
     """A module's floating-point parameters and buffers, gathered by a walk over its submodules and re-gathered only
     when asked or when the optimizers' parameters change (a depth refinement replaces them): the walk costs more
     than the check itself."""
@@ -134,7 +133,7 @@ class WatchedTensors:
         return True
 
 
-def _checked_tensors(watched: WatchedTensors, optimizers: Sequence[torch.optim.Optimizer],
+def _checked_tensors(watched: _WatchedTensors, optimizers: Sequence[torch.optim.Optimizer],
                      gradients: bool) -> list[torch.Tensor]:
     """The floating-point tensors of every checked category but the loss (the per-step path: no names)."""
     tensors = [p.grad for p in watched.parameters if _is_float_tensor(p.grad)] if gradients else []
@@ -157,7 +156,8 @@ def _named_checked_tensors(pl_module: nn.Module, optimizers: Sequence[torch.opti
     }
 
 
-def _named_state(optimizers: Sequence[torch.optim.Optimizer], names: Mapping[int, str]) -> list[tuple[str, torch.Tensor]]:
+def _named_state(optimizers: Sequence[torch.optim.Optimizer],
+                 names: Mapping[int, str]) -> list[tuple[str, torch.Tensor]]:
     """Every floating-point tensor of the optimizers' state, named ``<parameter>[<key>]``."""
     named = []
     for optimizer in optimizers:
@@ -209,12 +209,9 @@ class TrainingStateSnapshot:
 
     def matches(self, module: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> bool:
         """Whether ``module`` and ``optimizers`` still hold exactly the tensors and objects of this snapshot."""
-        current = [*module.parameters(), *module.buffers()]
-        return (
-            len(current) == len(self._tensors) and all(a is b for a, b in zip(current, self._tensors))
-            and len(optimizers) == len(self.optimizers) and all(a is b for a, b in zip(optimizers, self.optimizers))
-            and _same_objects(_optimizer_params(optimizers), self._held)
-        )
+        return (_same_objects([*module.parameters(), *module.buffers()], self._tensors)
+                and _same_objects(optimizers, self.optimizers)
+                and _same_objects(_optimizer_params(optimizers), self._held))
 
     def refresh(self) -> None:
         """Copy the current values into this snapshot (the objects must still :meth:`match`)."""
@@ -515,7 +512,7 @@ class NonFiniteGuardMixin:
         self.rollbacks: list[dict[str, Any]] = []
         self._snapshot: TrainingStateSnapshot | None = None
         self._snapshot_step = 0
-        self._watched = WatchedTensors()
+        self._watched = _WatchedTensors()
         self._batches = 0
         self._loss_finite: torch.Tensor | None = None
 
@@ -534,7 +531,7 @@ class NonFiniteGuardMixin:
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._snapshot = None
-        self._watched = WatchedTensors()
+        self._watched = _WatchedTensors()
         self._batches = 0
         self._loss_finite = None
 

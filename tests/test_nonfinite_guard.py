@@ -39,8 +39,9 @@ REPO = Path(__file__).resolve().parents[1]
 def training_state(pl_module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Independent copies of every parameter, buffer and optimizer state tensor, by name, and the learning rates."""
     names = {id(p): name for name, p in pl_module.named_parameters()}
+    named = [*pl_module.named_parameters(), *pl_module.named_buffers()]
     return {
-        "tensors": {name: t.detach().clone() for name, t in [*pl_module.named_parameters(), *pl_module.named_buffers()]},
+        "tensors": {name: tensor.detach().clone() for name, tensor in named},
         "optimizer": {(names[id(p)], key): v.detach().clone() if isinstance(v, torch.Tensor) else v
                       for p, state in optimizer.state.items() for key, v in state.items()},
         "lr": [group["lr"] for group in optimizer.param_groups],
