@@ -693,9 +693,14 @@ class NonFiniteGuardMixin:
             lines.append(f"after {len(self.rollbacks)} rollbacks (max_rollbacks={self.max_rollbacks})")
         if not checkpoint:
             lines.append("no checkpoint was written from this state")
-        lines.append("lower the learning rate, clip gradients (Trainer(gradient_clip_val=...)) or use "
-                     f"{type(self).__name__}(on_nonfinite='rollback'); Trainer(detect_anomaly=True) names the "
-                     "operation that first produces a NaN in the backward pass")
+        remedies = ["lower the learning rate"]
+        if not getattr(trainer, "gradient_clip_val", None):
+            remedies.append("clip gradients (Trainer(gradient_clip_val=...))")
+        if self.on_nonfinite == "stop":
+            remedies.append(f"use {type(self).__name__}(on_nonfinite='rollback')")
+        advice = remedies[0] if len(remedies) == 1 else ", ".join(remedies[:-1]) + " or " + remedies[-1]
+        lines.append(advice + "; Trainer(detect_anomaly=True) names the operation that first produces a NaN in the "
+                     "backward pass")
         return NonFiniteError("; ".join(lines), epoch=trainer.current_epoch, global_step=trainer.global_step,
                               found=list(found))
 
