@@ -168,6 +168,7 @@ def test_nan_weight_mid_fit_stops_with_one_message_after_the_refinement():
     assert "last refinement at epoch 1 (n_steps 1-1-1 -> 2-2-2)" in message
     total = len(list(task.parameters()))  # the NaN weight spread to every parameter in the step
     assert f"parameters ({total} of {total} tensors: model.stem.weight, " in message
+    assert "clip gradients (Trainer(gradient_clip_val=...)) or use NonFiniteGuard(on_nonfinite='rollback')" in message
     assert "loss" in error.value.found and "parameters" in error.value.found
     assert n_steps(task) == [2, 2, 2]
 
@@ -226,6 +227,7 @@ def test_inf_batchnorm_statistics_are_never_checkpointed(tmp_path):
     with pytest.raises(NonFiniteError) as error:
         run(tmp_path / "guarded", [NonFiniteGuard()])
     assert "buffers (" in str(error.value) and "running_var" in str(error.value)
+    assert "clip gradients" not in str(error.value)  # already on: not suggested
     assert error.value.global_step < BATCHES_PER_EPOCH  # stopped in epoch 0, before its checkpoint
     assert checkpoint_files(tmp_path / "guarded") == {}
 
