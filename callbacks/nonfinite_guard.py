@@ -450,9 +450,10 @@ class NonFiniteGuardMixin:
     Lightning's own tools, and how this differs:
 
     * ``Trainer(detect_anomaly=True)`` runs autograd's anomaly mode: it raises in the backward pass naming the
-      operation that produced a NaN, at a large cost per step (it records a traceback for every operation),
-      and it sees neither parameters nor BatchNorm statistics (which the forward pass updates). Use it to debug
-      a divergence; the guard is cheap enough to leave on.
+      operation that produced a NaN, at a large cost per step (it records a traceback for every operation: 1.6 to
+      2.5 times the step time of ``cnet_cifar``/``cnet_digits`` on CPU in ``benchmarks/guard_overhead.py``, where
+      the guard's hooks take 0.4-3% of a step), and it sees neither parameters nor BatchNorm statistics (which
+      the forward pass updates). Use it to debug a divergence; the guard is cheap enough to leave on.
     * ``Trainer(gradient_clip_val=...)`` bounds the size of an update but does not detect anything: a NaN
       gradient stays NaN after clipping, and a run with a very large learning rate can still fill BatchNorm
       running statistics with infinities.
