@@ -17,12 +17,13 @@ from typing import Any
 
 from lightning_cnet.callbacks.depth_refinement import DepthRefinementMixin, is_refinable, refinable_modules
 from lightning_cnet.callbacks.manifestation_monitor import ManifestationMonitorMixin
+from lightning_cnet.callbacks.nonfinite_guard import NonFiniteError, NonFiniteGuardMixin
 from lightning_cnet.callbacks.optimizer_surgery import replace_parameters, stale_parameters
 from lightning_cnet.callbacks.quick_eval import validation_accuracy
 from lightning_cnet.callbacks.schedule import RefinementSchedule
 
 #: Callbacks made concrete for ``pytorch_lightning``, imported on first access.
-_PYTORCH_LIGHTNING_CALLBACKS = ("DepthRefinementCallback", "ManifestationMonitor")
+_PYTORCH_LIGHTNING_CALLBACKS = ("DepthRefinementCallback", "ManifestationMonitor", "NonFiniteGuard")
 
 
 def __getattr__(name: str) -> Any:
@@ -35,6 +36,8 @@ __all__ = [
     *_PYTORCH_LIGHTNING_CALLBACKS,
     "DepthRefinementMixin",
     "ManifestationMonitorMixin",
+    "NonFiniteError",
+    "NonFiniteGuardMixin",
     "RefinementSchedule",
     "is_refinable",
     "refinable_modules",

@@ -7,6 +7,7 @@ import pytorch_lightning as pl
 from lightning_cnet._namespace import pytorch_lightning_namespace
 from lightning_cnet.callbacks.depth_refinement import DepthRefinementMixin
 from lightning_cnet.callbacks.manifestation_monitor import ManifestationMonitorMixin
+from lightning_cnet.callbacks.nonfinite_guard import NonFiniteGuardMixin
 
 
 class DepthRefinementCallback(DepthRefinementMixin, pl.Callback):
@@ -21,4 +22,10 @@ class ManifestationMonitor(ManifestationMonitorMixin, pl.Callback):
     lightning = pytorch_lightning_namespace()
 
 
-__all__ = ["DepthRefinementCallback", "ManifestationMonitor"]
+class NonFiniteGuard(NonFiniteGuardMixin, pl.Callback):
+    __doc__ = NonFiniteGuardMixin.__doc__
+    __module__ = "lightning_cnet.callbacks"
+    lightning = pytorch_lightning_namespace()
+
+
+__all__ = ["DepthRefinementCallback", "ManifestationMonitor", "NonFiniteGuard"]

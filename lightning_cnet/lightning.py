@@ -20,6 +20,7 @@ L = _LIGHTNING.module
 
 from lightning_cnet.callbacks.depth_refinement import DepthRefinementMixin  # noqa: E402
 from lightning_cnet.callbacks.manifestation_monitor import ManifestationMonitorMixin  # noqa: E402
+from lightning_cnet.callbacks.nonfinite_guard import NonFiniteError, NonFiniteGuardMixin  # noqa: E402
 from lightning_cnet.classification import ClassificationTask  # noqa: E402
 from lightning_cnet.data._lightning import (  # noqa: E402
     CIFAR10DataModule,
@@ -45,6 +46,11 @@ class ManifestationMonitor(ManifestationMonitorMixin, L.Callback):
     lightning = _LIGHTNING
 
 
+class NonFiniteGuard(NonFiniteGuardMixin, L.Callback):
+    __doc__ = NonFiniteGuardMixin.__doc__
+    lightning = _LIGHTNING
+
+
 __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
@@ -54,4 +60,6 @@ __all__ = [
     "HardDigitsDataModule",
     "ImageFolderDataModule",
     "ManifestationMonitor",
+    "NonFiniteError",
+    "NonFiniteGuard",
 ]
