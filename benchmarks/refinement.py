@@ -1,114 +1,131 @@
-"""Incremental-in-depth training vs full-depth training: wall time and test accuracy side by side.
+"""Incremental-in-depth vs full-depth training, each with its own learning rate: wall time and test accuracy.
 
-Both runs train the same final architecture (``cnet_digits``, RK4, 8 steps and 8 weight pieces per stage,
-``T`` fixed) for the same number of epochs with the same optimizer and LR schedule. The *refined* run starts
-at 1 step per stage and doubles at ``--refine-at`` (1 -> 2 -> 4 -> 8) with :class:`DepthRefinementCallback`;
-the *full* run trains at 8 from the start. Runs are interleaved per seed (the machine is shared, so compare
-ratios), each in its own Trainer; the time of ``trainer.fit`` is reported, and the refinement itself (the
-callback's ``seconds``) is reported as a share of the mean refined epoch. Data: ``HardDigitsDataModule``
-(offline), or CIFAR-10 with ``--data cifar10`` when it is present.
+Both methods train the same final model (``cnet_digits`` on the hard digits, ``--final-steps`` steps and pieces
+per stage, ``T`` fixed) for the same epochs with SGD and a cosine schedule. *refined* starts at
+``final / 2**len(refine_at)`` steps and doubles at ``--refine-at``; *full* trains at ``final`` from the start. For
+every ``T`` and method, every learning rate of ``--lrs`` runs on every seed; the rate with the best mean
+**validation** accuracy is that method's, and its test accuracy (mean and standard deviation over seeds) and wall
+time (``trainer.fit``, no validation during fit) are reported, with the paired difference refined - full per seed.
+Then variants of the refined run that may close an accuracy gap run at its chosen rate: the optimizer state reset
+instead of interpolated, refinement noise 0.1, BatchNorm statistics re-estimated after each refinement, and
+``--extra-epochs`` more epochs at the final resolution (refinements at the same epochs). Runs of one seed are
+interleaved (order alternating by seed), one thread, so the machine's load drifts alike over both methods.
 
 Usage::
 
-    python benchmarks/refinement.py --epochs 12 --refine-at 3 6 9 --seeds 0 1   # 16x16 hard digits
-    python benchmarks/refinement.py --data cifar10 --root data/ --epochs 30 --refine-at 5 10 15
+    python benchmarks/refinement.py                               # T 2 and 8, lrs 0.05 0.1 0.2, seeds 0 1 2
+    python benchmarks/refinement.py --T 8 --lrs 0.1 --seeds 0     # one setting
+    python benchmarks/refinement.py --quick                       # smoke run, seconds
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import csv
 import statistics
-import time
+from pathlib import Path
 
-import pytorch_lightning as pl
-import torch
+from _experiment import RunConfig, run, set_threads
 
-from lightning_cnet.callbacks import DepthRefinementCallback
-from lightning_cnet.module import ContinuousNetClassifier
-
-
-def datamodule(args: argparse.Namespace, seed: int) -> pl.LightningDataModule:
-    if args.data == "cifar10":
-        from lightning_cnet.data import CIFAR10DataModule
-
-        return CIFAR10DataModule(root=args.root, batch_size=args.batch_size, seed=seed)
-    from lightning_cnet.data import HardDigitsDataModule
-
-    return HardDigitsDataModule(image_size=args.image_size, batch_size=args.batch_size, seed=seed)
+COLUMNS = ("T", "method", "variant", "lr", "seed", "epochs", "wall", "val_acc", "test_acc", "test_acc_stages_off",
+           "refine_seconds")
+VARIANTS = {
+    "reset optimizer state": {"optimizer_state": "reset"},
+    "noise 0.1": {"noise_std": 0.1},
+    "recalibrate BN": {"recalibrate_bn": True},
+}
 
 
-def run(args: argparse.Namespace, seed: int, refined: bool) -> dict[str, float]:
-    pl.seed_everything(seed, verbose=False)
-    final_steps = 2 ** len(args.refine_at)
-    dm = datamodule(args, seed)
-    task = ContinuousNetClassifier(
-        "cnet_cifar" if args.data == "cifar10" else "cnet_digits", num_classes=dm.num_classes, in_chans=dm.in_chans,
-        scheme=args.scheme, n_steps=1 if refined else final_steps, T=args.T, optimizer="sgd", lr=args.lr,
-        momentum=0.9, weight_decay=5e-4, lr_schedule="cosine",
-    )
-    callbacks = []
-    if refined:
-        callbacks.append(DepthRefinementCallback(args.refine_at, optimizer_state=args.optimizer_state,
-                                                 noise_std=args.noise, seed=seed, evaluate=False, verbose=False))
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=args.epochs, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks,
-        limit_val_batches=0,
-    )
-    start = time.perf_counter()
-    trainer.fit(task, datamodule=dm)
-    wall = time.perf_counter() - start
-    test_acc = trainer.test(task, datamodule=dm, verbose=False)[0]["test_acc"]
-    refine_seconds = sum(entry["seconds"] for entry in callbacks[0].history) if refined else 0.0
-    assert [r.n_steps for r in task.model.resolution] == [final_steps] * 3
-    return {"wall": wall, "test_acc": 100 * test_acc, "refine_seconds": refine_seconds}
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _record(writer: csv.DictWriter, rows: list[dict], config: RunConfig, method: str, variant: str) -> dict:
+    result = run(config)
+    row = {"T": config.T, "method": method, "variant": variant, "lr": config.lr, "seed": config.seed,
+           "epochs": config.epochs, **{key: round(result[key], 3) for key in COLUMNS[6:]}}
+    writer.writerow(row)
+    rows.append(row)
+    print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", choices=["hard_digits", "cifar10"], default="hard_digits")
-    parser.add_argument("--root", default="data", help="CIFAR-10 directory")
-    parser.add_argument("--image-size", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--refine-at", type=int, nargs="+", default=[3, 6, 9])
     parser.add_argument("--scheme", default="rk4")
-    parser.add_argument("--T", type=float, default=1.0, help="physical depth per stage (the same in both runs)")
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--noise", type=float, default=0.0, help="refinement noise (the paper: 0.1)")
-    parser.add_argument("--optimizer-state", choices=["interpolate", "reset"], default="interpolate")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--T", nargs="+", type=float, default=[2.0, 8.0])
+    parser.add_argument("--lrs", nargs="+", type=float, default=[0.05, 0.1, 0.2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--refine-at", nargs="+", type=int, default=[3, 6, 9])
+    parser.add_argument("--final-steps", type=int, default=8)
+    parser.add_argument("--extra-epochs", type=int, default=4, help="the 'more epochs at the final resolution' variant")
+    parser.add_argument("--no-variants", action="store_true")
+    parser.add_argument("--image-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="refinement.csv")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, one seed")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
+    base = RunConfig(scheme=args.scheme, final_steps=args.final_steps, refine_at=tuple(args.refine_at),
+                     epochs=args.epochs, image_size=args.image_size)
+    if args.quick:
+        args.T, args.lrs, args.seeds, args.extra_epochs = args.T[:1], args.lrs[:2], args.seeds[:1], 1
+        base = base.replace(final_steps=2, refine_at=(1,), epochs=2, limit_train_batches=2)
 
-    results: dict[str, list[dict[str, float]]] = {"refined": [], "full": []}
-    for seed in args.seeds:
-        for name in ("refined", "full") if seed % 2 == 0 else ("full", "refined"):
-            result = run(args, seed, refined=name == "refined")
-            results[name].append(result)
-            print(f"seed {seed} {name:8s} wall {result['wall']:7.1f} s  test acc {result['test_acc']:6.2f}%", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    chosen: dict[tuple[float, str], float] = {}
+    with out.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        for depth in args.T:
+            for lr in args.lrs:
+                for seed in args.seeds:
+                    methods = ("refined", "full") if seed % 2 == 0 else ("full", "refined")
+                    for method in methods:
+                        config = base.replace(T=depth, lr=lr, seed=seed)
+                        if method == "full":
+                            config = config.replace(refine_at=())
+                        _record(writer, rows, config, method, "")
+            for method in ("refined", "full"):
+                by_lr = {lr: statistics.mean(r["val_acc"] for r in rows if (r["T"], r["method"], r["lr"], r["variant"])
+                                             == (depth, method, lr, "")) for lr in args.lrs}
+                chosen[depth, method] = max(by_lr, key=by_lr.get)
+            if args.no_variants:
+                continue
+            refined = base.replace(T=depth, lr=chosen[depth, "refined"])
+            variants = {**VARIANTS, f"+{args.extra_epochs} epochs at the end": {"epochs": base.epochs + args.extra_epochs}}
+            for variant, changes in variants.items():
+                for seed in args.seeds:
+                    _record(writer, rows, refined.replace(seed=seed, **changes), "refined", variant)
 
-    steps = 2 ** len(args.refine_at)
-    print(f"\n{args.data}, {args.scheme}, 1 -> {steps} at {args.refine_at} vs {steps} from the start, "
-          f"{args.epochs} epochs, T={args.T}, lr={args.lr}, seeds {args.seeds}")
-    print(f"{'run':10s} {'wall s (mean)':>14s} {'test acc % (mean)':>18s}  per seed")
-    for name, runs in results.items():
-        walls, accs = [r["wall"] for r in runs], [r["test_acc"] for r in runs]
-        per_seed = ", ".join(f"{a:.2f}" for a in accs)
-        print(f"{name:10s} {statistics.mean(walls):14.1f} {statistics.mean(accs):18.2f}  {per_seed}")
-    ratios = [r["wall"] / f["wall"] for r, f in zip(results["refined"], results["full"])]
-    delta = statistics.mean(r["test_acc"] - f["test_acc"] for r, f in zip(results["refined"], results["full"]))
-    refine_share = [
-        r["refine_seconds"] / len(args.refine_at) / (r["wall"] / args.epochs) for r in results["refined"]
-    ]
-    print(f"wall time refined / full: {', '.join(f'{x:.3f}' for x in ratios)} "
-          f"(mean saving {100 * (1 - statistics.mean(ratios)):.1f}%)")
-    print(f"accuracy refined - full: {delta:+.2f} points")
-    print(f"one refinement / mean refined epoch: {100 * max(refine_share):.3f}% (max over seeds)")
-    if not all(math.isfinite(x) for x in ratios):
-        raise SystemExit("non-finite timing")
+    print(f"\nhard digits {args.image_size}x{args.image_size}, {args.scheme}, refined "
+          f"{base.start_steps} -> {base.final_steps} at {list(base.refine_at)} vs {base.final_steps} from the start, "
+          f"{base.epochs} epochs, seeds {args.seeds}; each method's lr chosen on validation from {args.lrs}")
+    print(f"{'T':>4s} {'run':34s} {'lr':>5s} | {'val %':>6s} {'test % mean +- std':>19s} {'off %':>6s} "
+          f"{'wall s':>7s}")
+    for depth in args.T:
+        variants = list(dict.fromkeys(r["variant"] for r in rows if r["T"] == depth and r["variant"]))
+        for method, variant in [("full", ""), ("refined", "")] + [("refined", v) for v in variants]:
+            lr = chosen[depth, method]
+            picked = [r for r in rows if (r["T"], r["method"], r["variant"], r["lr"]) == (depth, method, variant, lr)]
+            test, spread = _mean_std([r["test_acc"] for r in picked])
+            label = method + (f", {variant}" if variant else "")
+            print(f"{depth:4.1f} {label:34s} {lr:5.2f} | {statistics.mean(r['val_acc'] for r in picked):6.2f} "
+                  f"{test:11.2f} +- {spread:5.2f} {statistics.mean(r['test_acc_stages_off'] for r in picked):6.2f} "
+                  f"{statistics.mean(r['wall'] for r in picked):7.1f}")
+        full = {r["seed"]: r for r in rows if (r["T"], r["method"], r["variant"], r["lr"]) ==
+                (depth, "full", "", chosen[depth, "full"])}
+        refined = {r["seed"]: r for r in rows if (r["T"], r["method"], r["variant"], r["lr"]) ==
+                   (depth, "refined", "", chosen[depth, "refined"])}
+        differences = [refined[s]["test_acc"] - full[s]["test_acc"] for s in args.seeds]
+        ratios = [refined[s]["wall"] / full[s]["wall"] for s in args.seeds]
+        mean, spread = _mean_std(differences)
+        print(f"T={depth:g}: refined - full test accuracy {mean:+.2f} +- {spread:.2f} points (per seed "
+              f"{', '.join(f'{d:+.2f}' for d in differences)}); wall time refined / full "
+              f"{statistics.median(ratios):.2f} (median; {', '.join(f'{r:.2f}' for r in ratios)})")
 
 
 if __name__ == "__main__":
