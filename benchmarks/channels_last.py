@@ -77,7 +77,9 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(fns: dict[str, Callable[[], None]], args: argparse.Namespace, inner: int) -> dict[str, list[float]]:
+def time_interleaved(
+    fns: dict[str, Callable[[], None]], args: argparse.Namespace, inner: int
+) -> dict[str, list[float]]:
     """Seconds per call of each function: ``args.repeats`` samples of ``inner`` calls, the order rotated every
     repeat, after ``args.warmup`` untimed calls of each."""
     names = list(fns)

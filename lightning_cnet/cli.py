@@ -192,7 +192,8 @@ class ContinuousNetCLI(LightningCLI):
         """LightningCLI builds ``--optimizer``/``--lr_scheduler`` at parse time from the model's parameters; let them
         train the parameters the model has when the Trainer asks for its optimizers, i.e. after a checkpoint was
         loaded (which may have refined the ODE stages to a finer resolution)."""
-        constant_rate = bool(self._get(self.config_init, "optimizer")) and not self._get(self.config_init, "lr_scheduler")
+        given = {key: bool(self._get(self.config_init, key)) for key in ("optimizer", "lr_scheduler")}
+        constant_rate = given["optimizer"] and not given["lr_scheduler"]
         with warnings.catch_warnings():
             if constant_rate:  # said below in one line, with what is lost
                 warnings.filterwarnings("ignore", message=r".*configure_optimizers` will be overridden by")

@@ -83,7 +83,8 @@ def _event_rows(path: Path, tag: str) -> list[tuple[int | None, int, float]]:
     tags = accumulator.Tags().get("scalars", [])
     if tag not in tags:
         raise ValueError(f"{path} has no scalar {tag!r}: expected one of {sorted(t for t in tags if t != 'epoch')}")
-    epoch_at = {event.step: int(round(event.value)) for event in accumulator.Scalars("epoch")} if "epoch" in tags else {}
+    epochs = accumulator.Scalars("epoch") if "epoch" in tags else []
+    epoch_at = {event.step: int(round(event.value)) for event in epochs}
     return [(epoch_at.get(event.step), event.step, float(event.value)) for event in accumulator.Scalars(tag)]
 
 

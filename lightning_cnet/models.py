@@ -308,7 +308,9 @@ class ContinuousNet(nn.Module):
             return intermediates
         return (self._final_norm(x) if n_run == len(self.stages) else x), intermediates
 
-    def prune_intermediate_layers(self, indices: Indices = 1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+    def prune_intermediate_layers(
+        self, indices: Indices = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
         """Drop the stages (and stitches) after the last one :meth:`forward_intermediates` will take, in place.
 
         Args:

@@ -138,7 +138,7 @@ def create_timm_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.
 
     Raises:
         ValueError: ``pretrained=True`` without weights to load, a non-zero dropout rate, an unknown
-            ``global_pool``.
+            ``global_pool``, a ``feature_cls`` other than ``"getter"``.
     """
     from timm.models import build_model_with_cfg
 
@@ -146,6 +146,9 @@ def create_timm_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.
         rate = kwargs.pop(argument, 0.0)
         if rate:
             raise ValueError(f"{argument}={rate!r}: {name} has no dropout; expected {argument}=0 or None")
+    if kwargs.get("feature_cls", "getter") != "getter":
+        raise ValueError(f"feature_cls={kwargs['feature_cls']!r}: {name}'s feature maps come from "
+                         "forward_intermediates (timm's FeatureGetterNet); expected feature_cls='getter' or none")
     if pretrained:
         _check_weights_exist(name, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
     global_pool = kwargs.pop("global_pool", None)

@@ -223,7 +223,9 @@ def test_forward_intermediates_norm_stop_early_and_bad_arguments():
 
     with pytest.raises(ValueError, match="output_fmt='NHWC' is not supported: expected 'NCHW'"):
         model.forward_intermediates(x, output_fmt="NHWC")
-    for bad, message in ((4, "the last 4 stages: expected 1 to 3"), (0, "expected 1 to 3"), ([3], "out of range: expected -3 to 2"), ([], "takes no stage")):
+    bad_indices = {4: "the last 4 stages: expected 1 to 3", 0: "expected 1 to 3",
+                   (3,): "out of range: expected -3 to 2", (): "takes no stage"}
+    for bad, message in bad_indices.items():
         with pytest.raises(ValueError, match=re.escape(message)):
             model.forward_intermediates(x, indices=bad)
 
@@ -259,6 +261,8 @@ def test_features_only_gives_the_stage_maps_and_trains_every_parameter():
     every.train()
     sum(m.sum() for m in every(x)).backward()
     assert all(p.grad is not None for p in every.parameters())  # nothing unused: DDP needs no find_unused
+    with pytest.raises(ValueError, match="feature_cls='list': cnet_cifar's feature maps come from forward_interm"):
+        timm.create_model("cnet_cifar", features_only=True, feature_cls="list")
 
 
 def test_global_pool_and_dropout_arguments():
