@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils import prune
 
 from lightning_cnet.callbacks.optimizer_surgery import (
     OptimizerState,
@@ -149,6 +150,7 @@ class DepthRefinementMixin:
     Raises:
         ValueError: an invalid schedule or argument (at construction).
         MisconfigurationException: at ``setup``: an unsupported strategy, a model with nothing refinable,
+            pruning (Lightning's ``ModelPruning`` callback, or ``torch.nn.utils.prune`` hooks in the model),
             fractions without ``max_epochs``.
 
     Logged metrics (per epoch): ``refinement/level`` and ``refinement/refined`` (1 at refinement epochs);
@@ -225,6 +227,17 @@ class DepthRefinementMixin:
             raise self.lightning.MisconfigurationException(
                 f"{type(self).__name__} found nothing to refine in {type(pl_module).__name__}: expected a submodule "
                 "with refine() and stage_resolutions such as lightning_cnet.ContinuousNet or lightning_cnet.ODEBlock"
+            )
+        pruning = [type(cb).__name__ for cb in trainer.callbacks
+                   if any(cls.__name__ == "ModelPruning" for cls in type(cb).__mro__)]
+        if pruning or any(prune.is_pruned(net) for net in nets):
+            what = (f"the {pruning[0]} callback" if pruning
+                    else f"a model already pruned (torch.nn.utils.prune hooks in {type(pl_module).__name__})")
+            raise self.lightning.MisconfigurationException(
+                f"{type(self).__name__} cannot be used with {what}: pruning reparametrises `weight` as "
+                "`weight_orig * weight_mask`, which a refinement cannot carry to the new pieces; prune after the "
+                "last refinement (a separate fit), or make the pruning permanent with torch.nn.utils.prune.remove "
+                "before fit"
             )
         self.schedule.resolve(trainer.max_epochs, self.lightning.MisconfigurationException)
         if self.base_n_steps is None:

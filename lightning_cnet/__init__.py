@@ -2,7 +2,12 @@
 
 The model layer (:mod:`bases`, :mod:`integrators`, :mod:`layers`, :mod:`units`, :mod:`ode_block`, :mod:`models`)
 is plain PyTorch; Lightning is imported only by the task, data and callback modules.
+
+timm finds the model builders after ``import lightning_cnet`` (:mod:`lightning_cnet.timm_support`); timm itself is
+imported only by whoever imports it.
 """
+
+from importlib import metadata as _metadata
 
 from lightning_cnet.bases import Basis, get_basis, list_bases, register_basis
 from lightning_cnet.integrators import (
@@ -27,7 +32,14 @@ from lightning_cnet.ode_block import ODEBlock, StageResolution
 from lightning_cnet.recalibration import recalibrate_bn
 from lightning_cnet.units import BottleneckUnit, MLPUnit, PreActBasicUnit, ResidualUnit, get_unit, list_units, register_unit
 
-__version__ = "0.1.0"
+from lightning_cnet.timm_support import install_timm_registration
+
+try:
+    __version__ = _metadata.version("lightning-cnet")
+except _metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
+
+install_timm_registration()
 
 __all__ = [
     "Basis",

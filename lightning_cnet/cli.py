@@ -11,6 +11,11 @@ Mistakes in the input (an unknown key or model, a ``num_classes`` that does not 
 another model, a missing dataset) end with one line ``lightning-cnet: error: ...`` on stderr, exit status 2, and
 no files left from the failed run.
 
+``lightning-cnet predict`` writes ``predictions.csv`` (sample index, predicted class, class probabilities) to the
+run's log directory and names it in its last log line; ``lightning-cnet --version`` prints the version;
+``--optimizer`` without ``--lr_scheduler`` warns, in one line, that the model's own optimizer and schedule are
+replaced by a constant learning rate.
+
 Example:
     >>> main(["fit", "--config", "configs/digits.yaml", "--trainer.max_epochs", "1"])  # doctest: +SKIP
 """
@@ -18,11 +23,13 @@ Example:
 from __future__ import annotations
 
 import ast
+import csv
 import difflib
 import inspect
 import re
 import shutil
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from importlib import import_module
 from importlib.util import find_spec
@@ -34,11 +41,12 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from torch.optim import Optimizer
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint, ProgressBar, RichProgressBar
+from pytorch_lightning.callbacks import BasePredictionWriter, Callback, ModelCheckpoint, ProgressBar, RichProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
+from lightning_cnet import __version__
 from lightning_cnet.callbacks import refinable_modules
 from lightning_cnet.data import DatasetNotFoundError
 from lightning_cnet.module import ContinuousNetClassifier
@@ -69,6 +77,67 @@ class _Parser(LightningArgumentParser):
         raise UsageError(condense_parser_error(message, parser)) from ex
 
 
+class PredictionCSVWriter(BasePredictionWriter):
+    """Write the class probabilities of ``predict`` to a CSV file, one row per sample, batch by batch.
+
+    Columns: ``index`` (the sample's index in the predict dataset), ``predicted`` (the most probable class) and
+    ``prob_0`` ... ``prob_<C-1>``. The file is ``predictions.csv`` in ``output_dir`` (default: the Trainer's
+    ``log_dir``, the run directory); with several predict dataloaders or processes each gets its own file
+    (``predictions_dataloader<d>_rank<r>.csv``). The path is logged when prediction ends.
+
+    Args:
+        output_dir: where to write (default: ``trainer.log_dir``, else the working directory).
+
+    Example:
+        >>> trainer = pl.Trainer(callbacks=[PredictionCSVWriter("outputs")])  # doctest: +SKIP
+        >>> trainer.predict(model, datamodule=data, return_predictions=False)  # doctest: +SKIP
+    """
+
+    def __init__(self, output_dir: str | Path | None = None) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.paths: list[Path] = []
+        self._writers: dict[int, tuple[Any, Any]] = {}
+        self._rows: dict[int, int] = {}
+
+    def _path(self, trainer: pl.Trainer, dataloader_idx: int) -> Path:
+        directory = self.output_dir or Path(trainer.log_dir or ".")
+        suffix = f"_dataloader{dataloader_idx}" if len(trainer.num_predict_batches) > 1 else ""
+        suffix += f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+        return directory / f"predictions{suffix}.csv"
+
+    def write_on_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any, batch_indices: Sequence[int] | None,
+        batch: Any, batch_idx: int, dataloader_idx: int,
+    ) -> None:
+        probabilities = prediction.detach().float().cpu()
+        if probabilities.dim() != 2:
+            raise ValueError(f"{type(self).__name__} expects class probabilities [batch, classes] from predict_step, "
+                             f"got a tensor of shape {list(probabilities.shape)}")
+        if dataloader_idx not in self._writers:
+            path = self._path(trainer, dataloader_idx)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = path.open("w", newline="")
+            writer = csv.writer(handle)
+            writer.writerow(["index", "predicted", *(f"prob_{c}" for c in range(probabilities.shape[1]))])
+            self._writers[dataloader_idx] = (handle, writer)
+            self._rows[dataloader_idx] = 0
+            self.paths.append(path)
+        _, writer = self._writers[dataloader_idx]
+        start = self._rows[dataloader_idx]
+        indices = list(batch_indices) if batch_indices else range(start, start + len(probabilities))
+        for index, row in zip(indices, probabilities.tolist()):
+            writer.writerow([index, max(range(len(row)), key=row.__getitem__), *(f"{p:.6g}" for p in row)])
+        self._rows[dataloader_idx] = start + len(probabilities)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for handle, _ in self._writers.values():
+            handle.close()
+        self._writers = {}
+        for dataloader_idx, path in enumerate(self.paths):
+            rank_zero_info(f"Predictions of {self._rows[dataloader_idx]} samples written to {path}")
+
+
 class ContinuousNetCLI(LightningCLI):
     """LightningCLI with the project's defaults: digits data, checkpoints, links from the data to the model.
 
@@ -97,6 +166,12 @@ class ContinuousNetCLI(LightningCLI):
             args=args,
             **kwargs,
         )
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """LightningCLI's parser with ``--version``."""
+        parser = super().init_parser(**kwargs)
+        parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+        return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}, "data": {"class_path": DEFAULT_DATA}})
@@ -135,14 +210,22 @@ class ContinuousNetCLI(LightningCLI):
         """LightningCLI builds ``--optimizer``/``--lr_scheduler`` at parse time from the model's parameters; let them
         train the parameters the model has when the Trainer asks for its optimizers, i.e. after a checkpoint was
         loaded (which may have refined the ODE stages to a finer resolution)."""
-        super()._add_configure_optimizers_method_to_model(subcommand)
+        given = {key: bool(self._get(self.config_init, key)) for key in ("optimizer", "lr_scheduler")}
+        constant_rate = given["optimizer"] and not given["lr_scheduler"]
+        with warnings.catch_warnings():
+            if constant_rate:  # said below in one line, with what is lost
+                warnings.filterwarnings("ignore", message=r".*configure_optimizers` will be overridden by")
+            super()._add_configure_optimizers_method_to_model(subcommand)
         configure = self.model.__dict__.get("configure_optimizers")
         if configure is not None:
             self.model.configure_optimizers = MethodType(_on_current_parameters(configure), self.model)
+            if constant_rate:
+                _warn_constant_rate(self.model)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> pl.Trainer:
         """Add the ``last.ckpt`` checkpoint beside the best one, the requested manifestation of a loaded checkpoint,
-        and the rich progress bar when ``rich`` is installed and no other progress bar is configured."""
+        the rich progress bar when ``rich`` is installed and no other progress bar is configured, and the CSV
+        prediction writer to ``predict`` when no prediction writer is configured."""
         best = next((cb for cb in callbacks if isinstance(cb, ModelCheckpoint)), None)
         if best is not None:
             callbacks = [*callbacks, last_checkpoint(best.dirpath)]
@@ -155,6 +238,8 @@ class ContinuousNetCLI(LightningCLI):
             and not any(isinstance(cb, ProgressBar) for cb in configured)
         ):
             callbacks = [*callbacks, RichProgressBar()]
+        if self.subcommand == "predict" and not any(isinstance(cb, BasePredictionWriter) for cb in configured):
+            callbacks = [*callbacks, PredictionCSVWriter()]
         return super()._instantiate_trainer(config, callbacks)
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -179,6 +264,18 @@ def _on_current_parameters(configure: Callable[[], Any]) -> Callable[[pl.Lightni
         return result
 
     return configure_optimizers
+
+
+@rank_zero_only
+def _warn_constant_rate(model: pl.LightningModule) -> None:
+    """One line on stderr: LightningCLI's ``--optimizer`` replaces the model's ``configure_optimizers``."""
+    schedule = getattr(model, "hparams", {}).get("lr_schedule")
+    own = f"its lr_schedule={schedule!r}" if schedule else "its learning-rate schedule"
+    sys.stderr.write(
+        f"{PROG}: warning: --optimizer without --lr_scheduler replaces {type(model).__name__}.configure_optimizers "
+        f"and {own}: the learning rate stays constant; add --lr_scheduler (e.g. --lr_scheduler CosineAnnealingLR "
+        "--lr_scheduler.T_max <max_epochs>) to schedule it\n"
+    )
 
 
 def _optimizers_in(value: Any) -> Iterator[Optimizer]:

@@ -68,7 +68,7 @@ def resample_pieces(pieces: Sequence[torch.Tensor], matrix: torch.Tensor) -> lis
         first.is_contiguous()
     )
     form = torch.channels_last if keep_channels_last else torch.contiguous_format
-    return [tensor.contiguous(memory_format=form) for tensor in mapped]
+    return [tensor.clone(memory_format=form) for tensor in mapped]  # each piece owns its storage
 
 
 def _sources(matrix: torch.Tensor, old: Sequence[nn.Parameter], row: int) -> tuple[tuple[nn.Parameter, float], ...]:
@@ -373,6 +373,7 @@ class TimeBatchNorm2d(TimeDependent):
                 counts = [old_pieces[col].num_batches_tracked for col in range(matrix.shape[1]) if matrix[row, col]]
                 piece.num_batches_tracked.copy_(max(counts))
             for name in ("weight", "bias"):
+                getattr(piece, name).requires_grad_(getattr(template, name).requires_grad)
                 sources[getattr(piece, name)] = _sources(matrix, [getattr(p, name) for p in old_pieces], row)
             new_pieces.append(piece)
         self.pieces = nn.ModuleList(new_pieces)

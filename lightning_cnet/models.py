@@ -5,7 +5,9 @@ Stitches are ordinary stride-2 pre-activation residual blocks with a 1x1 strided
 ``BN -> ReLU -> global average pool -> Linear``.
 
 Builders follow torchvision (keyword-only options, ``weights=None``) and the backbone methods follow timm
-(``forward_features``, ``forward_head``, ``reset_classifier``, ``num_features``, ``feature_info``).
+(``forward_features``, ``forward_head``, ``reset_classifier``, ``num_features``, ``feature_info``,
+``forward_intermediates``, ``prune_intermediate_layers``, ``set_grad_checkpointing``, ``no_weight_decay``,
+``group_matcher``); :mod:`lightning_cnet.timm_support` registers the builders with timm.
 
 Example:
     >>> import torch
@@ -29,15 +31,22 @@ from typing import Any
 import torch
 from torch import nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+from torch.nn.modules.batchnorm import _NormBase
 
 from lightning_cnet._transaction import restored_on_error
 from lightning_cnet.integrators import get_scheme, validate_n_steps
-from lightning_cnet.layers import ParameterChange
+from lightning_cnet.layers import ParameterChange, TimeGate, TimeLayerNorm
 from lightning_cnet.ode_block import BlockChange, ODEBlock, StageResolution, check_noise_std
 from lightning_cnet.registry import Registry
 from lightning_cnet.units import UnitFactory
 
 PerStage = int | Sequence[int] | None
+Indices = int | Sequence[int] | None
+"""Which feature maps to take, as timm counts them: ``None`` all, ``n`` the last ``n``, or a sequence of indices
+(negative ones from the end)."""
+
+#: Pooling choices of the classifier head (timm's ``global_pool``): average, or none (feature maps out).
+GLOBAL_POOLS = ("avg", "")
 
 
 @dataclass
@@ -197,11 +206,17 @@ class ContinuousNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The final feature map ``[B, num_features, H', W']``, normalised and activated."""
-        return torch.relu(self.norm(self.forward_stages(x)[-1]))
+        return self._final_norm(self.forward_stages(x)[-1])
+
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """``ReLU(BN(x))`` of the head; nothing once :meth:`prune_intermediate_layers` removed the norm."""
+        return x if isinstance(self.norm, nn.Identity) else torch.relu(self.norm(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool a feature map; return the pooled features if ``pre_logits``, else the logits."""
-        x = x.mean(dim=(2, 3))
+        """Pool a feature map (unless :attr:`global_pool` is ``""``); return the pooled features if ``pre_logits``,
+        else the logits."""
+        if self.global_pool == "avg":
+            x = x.mean(dim=(2, 3))
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -211,13 +226,170 @@ class ContinuousNet(nn.Module):
         """The final linear layer."""
         return self.fc
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier by a fresh one with ``num_classes`` outputs (``0``: none)."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier by a fresh one with ``num_classes`` outputs (``0``: none), as timm's models do.
+
+        Args:
+            num_classes: outputs of the new classifier; ``0`` removes it (``forward`` returns pooled features).
+            global_pool: ``"avg"`` (global average pooling) or ``""`` (no pooling: ``forward`` returns the feature
+                map; needs ``num_classes=0``); ``None`` keeps the current pooling.
+
+        Raises:
+            ValueError: a negative ``num_classes``, an unknown ``global_pool``, or ``""`` with a classifier; nothing
+                is changed.
+
+        Example:
+            >>> net = get_model("cnet_digits")
+            >>> net.reset_classifier(0, global_pool="")
+            >>> net(torch.randn(2, 1, 8, 8)).shape
+            torch.Size([2, 32, 2, 2])
+        """
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes={num_classes!r} must be an integer >= 0")
+        pool = self.global_pool if global_pool is None else global_pool
+        if pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool={global_pool!r} is not supported: expected 'avg', '' (no pooling) or None")
+        if pool == "" and num_classes:
+            raise ValueError(
+                f"global_pool='' (no pooling) needs num_classes=0, got num_classes={num_classes}: a linear "
+                "classifier takes pooled features; pass global_pool='avg'"
+            )
         self.num_classes = num_classes
-        device = self.norm.weight.device
+        self.global_pool = pool
+        device = self.stem.weight.device
         self.fc = nn.Linear(self.num_features, num_classes, device=device) if num_classes else nn.Identity()
+
+    # ------------------------------------------------------------------ timm-style backbone
+    #: Pooling of :meth:`forward_head`: ``"avg"`` or ``""`` (none); set by :meth:`reset_classifier`.
+    global_pool: str = "avg"
+
+    @property
+    def in_chans(self) -> int:
+        """Input channels."""
+        return self.stem.in_channels
+
+    @property
+    def head_hidden_size(self) -> int:
+        """Width of the pooled features the classifier reads (timm's name; the same as :attr:`num_features`)."""
+        return self.num_features
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Indices = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The feature maps after the chosen ODE stages (the entries of :attr:`feature_info`), as timm's models.
+
+        Args:
+            x: images ``[B, in_chans, H, W]``.
+            indices: which stages: ``None`` all, ``n`` the last ``n``, or a sequence of indices (negative ones from
+                the end).
+            norm: apply the head's ``ReLU(BN(.))`` to the last stage's map when it is taken.
+            stop_early: run no stage after the last one taken.
+            output_fmt: ``"NCHW"`` (the only layout).
+            intermediates_only: return the list of maps only.
+
+        Returns:
+            The maps in stage order, or ``(features, maps)`` where ``features`` is :meth:`forward_features`'s output
+            (the raw map of the last stage run, if ``stop_early`` stopped before the end).
+
+        Raises:
+            ValueError: an index out of range or another ``output_fmt``.
+
+        Example:
+            >>> net = get_model("cnet_cifar").eval()
+            >>> [tuple(m.shape) for m in net.forward_intermediates(torch.randn(1, 3, 32, 32), intermediates_only=True)]
+            [(1, 16, 32, 32), (1, 32, 16, 16), (1, 64, 8, 8)]
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt={output_fmt!r} is not supported: expected 'NCHW'")
+        take, last = _stage_indices(len(self.stages), indices)
+        n_run = last + 1 if stop_early else len(self.stages)
+        intermediates = []
+        x = self.stem(x)
+        for index in range(n_run):
+            if index:
+                x = self.stitches[index - 1](x)
+            x = self.stages[index](x)
+            if index in take:
+                intermediates.append(self._final_norm(x) if norm and index == len(self.stages) - 1 else x)
+        if intermediates_only:
+            return intermediates
+        return (self._final_norm(x) if n_run == len(self.stages) else x), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: Indices = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages (and stitches) after the last one :meth:`forward_intermediates` will take, in place.
+
+        Args:
+            indices: the stages that will be taken (as in :meth:`forward_intermediates`).
+            prune_norm: drop the head's BatchNorm too (it is dropped anyway when stages are dropped).
+            prune_head: drop the classifier and pooling (dropped anyway when stages are dropped).
+
+        Returns:
+            The absolute indices of the stages that will be taken.
+
+        Example:
+            >>> net = get_model("cnet_cifar")
+            >>> net.prune_intermediate_layers([0, 1])
+            [0, 1]
+            >>> len(net.stages), net.num_features
+            (2, 32)
+        """
+        take, last = _stage_indices(len(self.stages), indices)
+        prune_end = last < len(self.stages) - 1
+        self.stages = self.stages[: last + 1]
+        self.stitches = self.stitches[:last]
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        if prune_end:
+            self.num_features = self.feature_info[last]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each integration step's activations in backward (timm's gradient checkpointing): sets every
+        stage's ``recompute_steps``, so activation memory no longer grows with the step count."""
+        for stage in self.stages:
+            stage.recompute_steps = bool(enable)
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        """Whether every stage recomputes its steps in backward (see :meth:`set_grad_checkpointing`)."""
+        return all(getattr(stage, "recompute_steps", False) for stage in self.stages)
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, enable: bool) -> None:
+        self.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters weight decay should leave alone: the affine maps of every normalisation layer
+        (each BatchNorm piece of the stages, the stitches' and the head's BatchNorm, LayerNorm pieces) and the
+        skip-init gates. ``timm.optim.create_optimizer_v2`` puts them in its ``weight_decay=0`` group.
+
+        Example:
+            >>> sorted(get_model("cnet_digits").no_weight_decay())[:2]
+            ['norm.bias', 'norm.weight']
+        """
+        names: set[str] = set()
+        for module_name, module in self.named_modules():
+            if isinstance(module, (_NormBase, nn.LayerNorm, nn.GroupNorm, TimeLayerNorm, TimeGate)):
+                prefix = f"{module_name}." if module_name else ""
+                names.update(prefix + name for name, _ in module.named_parameters())
+        return names
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups in depth order for timm's layer-wise learning-rate decay: the stem, then each stage
+        and the stitch after it, the head's norm with the last stage (``coarse`` makes no difference: a stage is
+        one ODE)."""
+        return {"stem": r"^stem", "blocks": [(r"^stages\.(\d+)", None), (r"^stitches\.(\d+)", (0,)),
+                                             (r"^norm", (99999,))]}
 
     # ------------------------------------------------------------------ resolution
     @property
@@ -348,6 +520,34 @@ class ContinuousNet(nn.Module):
             parameters_after=self._count_parameters(),
             parameter_changes=tuple(change for c in block_changes for change in c.parameter_changes),
         )
+
+
+def _stage_indices(n_stages: int, indices: Indices) -> tuple[list[int], int]:
+    """The absolute indices ``indices`` names among ``n_stages`` feature maps, and the largest (timm's rule).
+
+    Raises:
+        ValueError: an index out of range, or a count not in ``[1, n_stages]``.
+
+    Example:
+        >>> _stage_indices(3, None), _stage_indices(3, 2), _stage_indices(3, [0, -1])
+        (([0, 1, 2], 2), ([1, 2], 2), ([0, 2], 2))
+    """
+    if indices is None:
+        indices = n_stages
+    if isinstance(indices, int) and not isinstance(indices, bool):
+        if not 0 < indices <= n_stages:
+            raise ValueError(f"indices={indices} takes the last {indices} stages: expected 1 to {n_stages}")
+        taken = list(range(n_stages - indices, n_stages))
+    else:
+        taken = []
+        for index in indices:
+            valid = isinstance(index, int) and not isinstance(index, bool) and -n_stages <= index < n_stages
+            if not valid:
+                raise ValueError(f"stage index {index!r} is out of range: expected -{n_stages} to {n_stages - 1}")
+            taken.append(index % n_stages)
+        if not taken:
+            raise ValueError("indices=[] takes no stage: expected at least one index")
+    return taken, max(taken)
 
 
 def _check_stage_resolutions(model: ContinuousNet, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:

@@ -1,0 +1,262 @@
+"""ContinuousNet builders in timm's model registry: ``timm.create_model("cnet_cifar", num_classes=100)``.
+
+``import lightning_cnet`` makes every builder of :func:`lightning_cnet.list_models` known to timm without importing
+timm: when timm is already imported the builders are registered at once, when it is installed they are registered
+the moment it is imported, and when it is absent nothing happens. Builders registered with lightning_cnet after
+timm was imported are added by calling :func:`register_timm_models` again.
+
+Each timm entrypoint builds the model through ``timm.models.build_model_with_cfg``, so timm's conventions hold:
+
+* ``model.pretrained_cfg`` holds the input size, mean and std of the data the builder is made for, and the names
+  of the first convolution (``stem``) and the classifier (``fc``), so ``timm.data.resolve_data_config({},
+  model=model)`` gives the model's own preprocessing (:data:`PRETRAINED_CFGS`);
+* ``pretrained=True`` raises a ``ValueError`` while no weights are published, unless the configuration names weights
+  of your own (``pretrained_cfg_overlay=dict(file="weights.safetensors")``), which are then loaded, refining a
+  freshly built coarse model to the checkpoint's resolution; ``checkpoint_path=`` works the same way;
+* ``features_only=True`` returns timm's ``FeatureGetterNet`` around the model: its forward gives the feature maps
+  after the stages chosen by ``out_indices`` (default: all), ``feature_info`` their channels and reductions, and
+  the stages, norm and classifier it does not need are removed;
+* ``global_pool="avg"`` or ``""`` is passed to :meth:`~lightning_cnet.models.ContinuousNet.reset_classifier`; timm's
+  training script passes ``drop_rate=0.0``, accepted (a ContinuousNet has no dropout; other rates are refused).
+
+Data configuration chosen for the built-in builders (the data modules of :mod:`lightning_cnet.data`):
+
+* ``cnet_cifar``: ``3x32x32`` with the CIFAR-10 mean/std of ``CIFAR10DataModule``, 10 classes;
+* ``cnet_cifar_wide``: ``3x32x32`` with the CIFAR-100 mean/std of ``CIFAR100DataModule``, 100 classes (the paper's
+  wide CIFAR-100 model);
+* ``cnet_digits``: ``1x16x16`` (the default ``image_size`` of ``DigitsDataModule``), mean ``0.3045`` and std
+  ``0.3186``: the statistics ``DigitsDataModule(image_size=16)`` computes on its training images (pixels divided
+  by 16, upsampled bilinearly), on timm's ``[0, 1]`` pixel scale.
+
+All use ``crop_pct=1.0`` (no crop: the images already have the model's size) and bilinear interpolation.
+
+Example:
+    >>> import timm  # doctest: +SKIP
+    >>> model = timm.create_model("cnet_cifar", num_classes=100, scheme="rk4", n_steps=2)  # doctest: +SKIP
+    >>> timm.data.resolve_data_config({}, model=model)["input_size"]  # doctest: +SKIP
+    (3, 32, 32)
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+import warnings
+from collections.abc import Callable, Mapping
+from functools import partial
+from types import ModuleType
+from typing import Any
+
+from torch import nn
+
+from lightning_cnet.models import MODELS, ContinuousNet, list_models
+
+_PAPER = {"paper_name": "Continuous-in-Depth Neural Networks", "paper_ids": "arXiv:2008.02389"}
+_NO_CROP = {"crop_pct": 1.0, "crop_mode": "center", "interpolation": "bilinear", "first_conv": "stem",
+            "classifier": "fc"}
+
+#: timm's ``pretrained_cfg`` of each built-in builder (no weights: the data it is made for and the layer names).
+PRETRAINED_CFGS: dict[str, dict[str, Any]] = {
+    "cnet_cifar": {"input_size": (3, 32, 32), "mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616),
+                   "num_classes": 10, **_NO_CROP, **_PAPER},
+    "cnet_cifar_wide": {"input_size": (3, 32, 32), "mean": (0.5071, 0.4865, 0.4409),
+                        "std": (0.2673, 0.2564, 0.2762), "num_classes": 100, **_NO_CROP, **_PAPER},
+    "cnet_digits": {"input_size": (1, 16, 16), "mean": (0.3045,), "std": (0.3186,), "num_classes": 10,
+                    **_NO_CROP, **_PAPER},
+}
+
+#: Read by timm's ``register_model``: the ``pretrained_cfg`` of each entrypoint of this module.
+default_cfgs: dict[str, dict[str, Any]] = {}
+
+#: Names this module registered with timm.
+_REGISTERED: set[str] = set()
+
+#: Dropout arguments timm's scripts pass; a ContinuousNet has none, so only zero is accepted.
+_DROPOUT_ARGUMENTS = ("drop_rate", "drop_path_rate", "drop_block_rate")
+
+#: Keys of a ``pretrained_cfg`` that name weights.
+_WEIGHT_SOURCES = ("url", "file", "hf_hub_id", "state_dict")
+
+
+def register_timm_models(pretrained_cfgs: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
+    """Register with timm every lightning_cnet builder it does not know yet.
+
+    Args:
+        pretrained_cfgs: per builder name, timm ``pretrained_cfg`` entries (``input_size``, ``mean``, ``std``, ...)
+            that replace the built-in ones. A builder with none (one registered by a user) gets timm's default
+            configuration, with ``num_classes`` and the input channels of the model it builds.
+
+    Returns:
+        The names registered by this call.
+
+    Raises:
+        ImportError: timm is not installed.
+
+    Example:
+        >>> from lightning_cnet import ContinuousNet, register_model
+        >>> @register_model(name="cnet_small_digits")  # doctest: +SKIP
+        ... def small(**kwargs):
+        ...     return ContinuousNet((4, 8), in_chans=1, **kwargs)
+        >>> register_timm_models({"cnet_small_digits": {"input_size": (1, 8, 8)}})  # doctest: +SKIP
+        ['cnet_small_digits']
+    """
+    try:
+        from timm.models import is_model, register_model
+    except ImportError as error:
+        raise ImportError("registering lightning_cnet's models with timm needs timm (pip install timm)") from error
+    overrides = dict(pretrained_cfgs or {})
+    registered = []
+    for name in list_models():
+        if name in _REGISTERED:
+            continue
+        if is_model(name):
+            warnings.warn(f"timm already has a model named {name!r}; lightning_cnet's builder is not registered "
+                          "with timm under that name", stacklevel=2)
+            continue
+        cfg = {**PRETRAINED_CFGS.get(name, {}), **overrides.get(name, {})}
+        if cfg:
+            default_cfgs[name] = cfg
+        entrypoint = _timm_entrypoint(name)
+        setattr(sys.modules[__name__], name, entrypoint)
+        register_model(entrypoint)
+        _REGISTERED.add(name)
+        registered.append(name)
+    return registered
+
+
+def create_timm_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """What ``timm.create_model(name, ...)`` runs for a lightning_cnet builder.
+
+    Args:
+        name: a registered builder.
+        pretrained: load the weights named by the ``pretrained_cfg`` (there are no published ones).
+        **kwargs: timm's arguments (``pretrained_cfg``, ``pretrained_cfg_overlay``, ``features_only``,
+            ``out_indices``, ``global_pool``, ``cache_dir``, ...) and the builder's (``num_classes``, ``in_chans``,
+            ``scheme``, ``n_steps``, ...).
+
+    Raises:
+        ValueError: ``pretrained=True`` without weights to load, a non-zero dropout rate, an unknown
+            ``global_pool``, a ``feature_cls`` other than ``"getter"``.
+    """
+    from timm.models import build_model_with_cfg
+
+    for argument in _DROPOUT_ARGUMENTS:
+        rate = kwargs.pop(argument, 0.0)
+        if rate:
+            raise ValueError(f"{argument}={rate!r}: {name} has no dropout; expected {argument}=0 or None")
+    if kwargs.get("feature_cls", "getter") != "getter":
+        raise ValueError(f"feature_cls={kwargs['feature_cls']!r}: {name}'s feature maps come from "
+                         "forward_intermediates (timm's FeatureGetterNet); expected feature_cls='getter' or none")
+    if pretrained:
+        _check_weights_exist(name, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+    global_pool = kwargs.pop("global_pool", None)
+    builder_defaults = None if name in default_cfgs else set(kwargs)
+    model = build_model_with_cfg(
+        partial(_build, name, global_pool, builder_defaults), name, pretrained,
+        feature_cfg={"feature_cls": "getter", "out_indices": None}, **kwargs,
+    )
+    if builder_defaults is not None:
+        _describe_instance(model)
+    return model
+
+
+def install_timm_registration() -> None:
+    """Register the builders with timm now if timm is imported, when it is imported if it is installed, never
+    if it is absent (``import lightning_cnet`` calls this; it never imports timm itself)."""
+    if "timm" in sys.modules:
+        if sys.modules["timm"] is not None:
+            _register_quietly()
+        return
+    if any(isinstance(finder, _RegisterOnTimmImport) for finder in sys.meta_path):
+        return
+    if importlib.util.find_spec("timm") is not None:
+        sys.meta_path.insert(0, _RegisterOnTimmImport())
+
+
+# ---------------------------------------------------------------------- building
+def _timm_entrypoint(name: str) -> Callable[..., nn.Module]:
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        return create_timm_model(name, pretrained=pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f"timm entrypoint of lightning_cnet's {name!r} builder (see create_timm_model)."
+    return entrypoint
+
+
+def _build(name: str, global_pool: str | None, given: set[str] | None, **kwargs: Any) -> ContinuousNet:
+    """Build ``name`` with timm's keyword arguments; ``given`` (for a builder without a configuration of its own)
+    names those the caller gave, so the ``num_classes``/``in_chans`` of timm's default configuration are dropped."""
+    if given is not None:
+        kwargs = {key: value for key, value in kwargs.items()
+                  if key in given or key not in ("num_classes", "in_chans")}
+    model = MODELS.get(name)(**kwargs)
+    if global_pool is not None and global_pool != model.global_pool:
+        model.reset_classifier(model.num_classes, global_pool)
+    return model
+
+
+def _check_weights_exist(name: str, pretrained_cfg: Any, overlay: Mapping[str, Any] | None) -> None:
+    from timm.models import resolve_pretrained_cfg
+
+    cfg = resolve_pretrained_cfg(name, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay)
+    if not any(getattr(cfg, source) is not None for source in _WEIGHT_SOURCES):
+        raise ValueError(
+            f"pretrained=True: no pretrained weights are published for {name!r} yet; use pretrained=False, or load "
+            "your own with pretrained_cfg_overlay=dict(file='weights.safetensors') or checkpoint_path='weights.pth'"
+        )
+
+
+def _describe_instance(model: nn.Module) -> None:
+    """Make timm's default configuration state the input channels and classes of the model built with it."""
+    net = model if isinstance(model, ContinuousNet) else model.model
+    cfg = model.pretrained_cfg
+    cfg.update(first_conv="stem", input_size=(net.in_chans, *cfg["input_size"][1:]))
+    if net is model:
+        cfg.update(num_classes=net.num_classes, classifier="fc")
+
+
+# ---------------------------------------------------------------------- registration when timm is imported
+def _register_quietly() -> None:
+    """Register, turning a failure into a warning so that ``import timm`` itself never fails because of us."""
+    try:
+        register_timm_models()
+    except Exception as error:  # noqa: BLE001 - a registration problem must not break importing timm
+        warnings.warn(f"lightning_cnet could not register its models with timm: {error}", stacklevel=2)
+
+
+class _RegisterOnTimmImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: when ``timm`` is imported it lets the other finders find it and registers the
+    builders once timm's ``__init__`` has run; then it leaves ``sys.meta_path``."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: ModuleType | None = None) -> Any:
+        if fullname != "timm":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec("timm")
+        if spec is not None and spec.loader is not None:
+            spec.loader = _RegisteringLoader(spec.loader)
+        return spec
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+    """Runs timm's own loader, hands the module back to it, then registers the builders."""
+
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        module.__loader__ = module.__spec__.loader = self._loader
+        self._loader.exec_module(module)
+        _register_quietly()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+
+__all__ = ["PRETRAINED_CFGS", "create_timm_model", "install_timm_registration", "register_timm_models"]
