@@ -546,11 +546,23 @@ class RequestedManifestation(Callback):
         self._apply(trainer, pl_module)
 
 
-def last_checkpoint(dirpath: str | None) -> ModelCheckpoint:
-    """A checkpoint callback writing ``last.ckpt`` (the state at the end of every epoch, replaced each time) into
-    ``dirpath`` (``None``: the run's ``checkpoints`` folder, where the best checkpoint goes too)."""
-    return ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1,
-                           enable_version_counter=False)
+class LastCheckpoint(ModelCheckpoint):
+    """Writes ``last.ckpt``, the state at the end of every epoch (replaced each time).
+
+    Lightning's ``save_last`` writes it only when a top-k checkpoint is written, i.e. when the monitored metric
+    improved. Its own class keeps its state key apart from any ``ModelCheckpoint`` a config adds.
+
+    Args:
+        dirpath: the folder (``None``: the run's ``checkpoints`` folder, where the best checkpoint goes too).
+    """
+
+    def __init__(self, dirpath: str | None = None) -> None:
+        super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+
+
+def last_checkpoint(dirpath: str | None) -> LastCheckpoint:
+    """The ``last.ckpt`` callback for a run whose best checkpoint goes to ``dirpath``."""
+    return LastCheckpoint(dirpath)
 
 
 def _literal(value: str) -> Any:

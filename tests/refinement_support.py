@@ -42,15 +42,21 @@ class EpochSampler(Sampler[int]):
 
 
 class ResumableLoader(DataLoader):
-    """A DataLoader whose position inside the epoch is saved in checkpoints (mid-epoch resume replays it)."""
+    """A DataLoader whose position inside the epoch is saved in checkpoints (mid-epoch resume replays it).
+
+    The saved position carries its epoch: after a checkpoint on an epoch's last batch, the next epoch (another epoch)
+    starts from its first batch.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._consumed = 0
-        self._skip = 0
+        self._resume: dict[str, int] | None = None
 
     def __iter__(self):
-        skip, self._skip = self._skip, 0
+        epoch = self.sampler.epoch
+        resume, self._resume = self._resume, None
+        skip = resume["consumed"] if resume is not None and resume["epoch"] == epoch else 0
         self._consumed = 0
         for index, batch in enumerate(super().__iter__()):
             self._consumed = index + 1
@@ -58,10 +64,10 @@ class ResumableLoader(DataLoader):
                 yield batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"consumed": self._consumed}
+        return {"epoch": self.sampler.epoch, "consumed": self._consumed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self._skip = state["consumed"]
+        self._resume = dict(state)
 
 
 class TinyDigits(pl.LightningDataModule):

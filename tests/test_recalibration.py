@@ -124,7 +124,7 @@ def test_bad_input_leaves_the_model_as_it_was() -> None:
     model = _model("piecewise_constant", 2, 2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for bad, message in (([], "no batches"), ([torch.randn(2, 1, 6, 6), "text"], "must be a tensor"),
-                         ([torch.randn(2, 5, 6, 6)], "channels|expected input")):
+                         ([torch.randn(2, 5, 6, 6)], r"expects images \[batch, 1, height, width\]")):
         with pytest.raises((ValueError, RuntimeError), match=message):
             recalibrate_bn(model, bad)
         for key, value in model.state_dict().items():

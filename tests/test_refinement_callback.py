@@ -263,7 +263,8 @@ def test_evaluation_reports_accuracy_and_leaves_training_untouched(caplog):
     for entry in callback.history:
         assert entry["val_acc_before"] == pytest.approx(probe.accuracy[entry["epoch"]], abs=1e-6)
         assert 0.0 <= entry["val_acc_after"] <= 1.0
-    first = f"epoch 1: n_steps 1-1-1 -> 2-2-2, parameters 42,949 -> 67,368, val_acc {probe.accuracy[1]:.4f} -> "
+    first = (f"epoch 1: n_steps 1-1-1 -> 2-2-2 (T 1-1-1, step size T/N 0.5-0.5-0.5), parameters 42,949 -> 67,368, "
+             f"val_acc {probe.accuracy[1]:.4f} -> ")
     assert len(lines[0]) == 2 and lines[0][0].startswith(f"Depth refinement at {first}")
     assert [m["refinement/refined"] for m in recorder.metrics] == [0.0, 1.0, 1.0]
     assert [m["refinement/level"] for m in recorder.metrics] == [0.0, 1.0, 2.0]
@@ -320,15 +321,21 @@ def uninterrupted(tmp_path_factory):
     callback = DepthRefinementCallback([1, 2], noise_std=0.1)
     epochs = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     mid = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_train_steps=15, filename="mid-{step}")
-    fit(task, [callback, epochs, mid], max_epochs=4, enable_checkpointing=True)
+    # 6 batches per epoch: steps 6 and 12 are the last batches of epochs 0 and 1, before the refinements at 1 and 2
+    last_batch = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_train_steps=6, filename="last-batch-{step}",
+                                 save_on_train_epoch_end=False)
+    fit(task, [callback, epochs, mid, last_batch], max_epochs=4, enable_checkpointing=True)
     return SimpleNamespace(root=root, state=_final_state(task), history=callback.history)
 
 
-@pytest.mark.parametrize("checkpoint", ["epoch=1.ckpt", "mid-step=15.ckpt"])
-def test_resume_into_coarse_model_is_bit_identical(uninterrupted, checkpoint):
+@pytest.mark.parametrize(("checkpoint", "pieces"), [("epoch=1.ckpt", 2), ("mid-step=15.ckpt", 4),
+                                                   ("last-batch-step=6.ckpt", 1), ("last-batch-step=12.ckpt", 2)])
+def test_resume_into_coarse_model_is_bit_identical(uninterrupted, checkpoint, pieces):
+    """Also from a checkpoint on an epoch's last batch, after which Lightning skips the next epoch's start hook: the
+    refinement due at that epoch must still happen, once."""
     path = uninterrupted.root / checkpoint
     stored = torch.load(path, weights_only=True)["state_dict"]
-    assert stored["model.stages.0.resolution.n_basis"].item() == 2 + 2 * checkpoint.startswith("mid")
+    assert stored["model.stages.0.resolution.n_basis"].item() == pieces
     pl.seed_everything(123)  # the resumed run must not depend on the seed of the fresh model
     task = make_task(optimizer="adamw", lr=0.01, lr_schedule="cosine")
     assert n_steps(task) == [1, 1, 1]
