@@ -379,3 +379,47 @@ def test_docstring_examples(monkeypatch: pytest.MonkeyPatch, module_name: str) -
     module = importlib.import_module(f"lightning_cnet.{module_name}")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ---------------------------------------------------------------------- tampered and foreign state dicts
+def _tampered(key: str, value) -> dict:
+    state = _tiny(n_steps=(2, 2)).state_dict()
+    for stage in (0, 1):
+        state[f"stages.{stage}.unit.conv1.weight.1"] = state[f"stages.{stage}.unit.conv1.weight.0"]
+    state[f"stages.1.resolution.{key}"] = value
+    return state
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("T", torch.tensor(-1.0, dtype=torch.float64), "T=-1.0: expected a finite positive"),
+    ("T", torch.tensor(float("nan"), dtype=torch.float64), "T=nan: expected a finite positive"),
+    ("n_steps", torch.tensor(0), "n_steps=0: expected an integer >= 1"),
+    ("scheme", torch.tensor(list(b"bogus"), dtype=torch.uint8), "scheme='bogus', which is not registered"),
+    ("basis", torch.tensor(list(b"piecewise_linear"), dtype=torch.uint8), "basis='piecewise_linear'"),
+    ("n_steps", torch.tensor(2.5), "must be a one-element integer tensor"),
+    ("scheme", torch.ones(2, 2), "must be a 1-D uint8 tensor"),
+])
+def test_a_tampered_resolution_is_refused_and_the_model_is_unchanged(key, value, message) -> None:
+    """Stage 1's entry is bad while stage 0's asks for a refinement: stage 0 must not be refined either."""
+    state = _tampered(key, value)
+    state["stages.0.resolution.n_basis"] = torch.tensor(4)
+    model = _tiny(n_steps=1)
+    before, resolution = _state(model), model.resolution
+    parameters = list(model.parameters())
+    with pytest.raises(ValueError, match=message):
+        model.load_state_dict(state)
+    assert model.resolution == resolution and all(a is b for a, b in zip(model.parameters(), parameters))
+    _assert_same_state(before, model)
+
+
+def test_a_foreign_state_dict_leaves_the_model_exactly_as_it_was() -> None:
+    """A CIFAR model's refined weights into a digits model: the stages would refine, then the stem does not fit."""
+    cifar = get_model("cnet_cifar", n_steps=1)
+    cifar.refine()
+    digits = get_model("cnet_digits", n_steps=1)
+    before, resolution, parameters = _state(digits), digits.resolution, list(digits.parameters())
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        digits.load_state_dict(cifar.state_dict())
+    assert digits.resolution == resolution and [p.shape for p in digits.parameters()] == [p.shape for p in parameters]
+    assert all(a is b for a, b in zip(digits.parameters(), parameters))
+    _assert_same_state(before, digits)
