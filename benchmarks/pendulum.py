@@ -50,8 +50,11 @@ from scipy.special import ellipj, ellipk
 from torch import nn
 from tqdm import tqdm
 
-from lightning_cnet import odeint_fixed
+from lightning_cnet import MLPUnit, odeint_fixed
 from lightning_cnet.integrators import get_scheme, rk_step
+
+#: Node weights of a one-piece (autonomous) field: piece 0 with weight 1 at every time.
+ONE_PIECE = ((0, 1.0),)
 
 GRAVITY = 9.81
 THETA0 = 1.5 * math.pi / 2
@@ -113,8 +116,24 @@ def pendulum_field(x: torch.Tensor, g: float = GRAVITY) -> torch.Tensor:
     return torch.stack((x[..., 1], -g * torch.sin(x[..., 0])), dim=-1)
 
 
+class LearnedField(nn.Module):
+    """An autonomous vector field ``f(x)``: the library's MLP residual unit with one piece (constant in time).
+
+    Args:
+        hidden: width of the hidden layer.
+    """
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.unit = MLPUnit(2, n_basis=1, hidden=hidden, activation="tanh")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.unit(x, ONE_PIECE)
+
+
 def build_vector_field(hidden: int = 50) -> nn.Module:
-    """The learned vector field ``f(x)``: an MLP ``2 -> hidden (tanh) -> 2`` in float64.
+    """The learned vector field ``f(x)``: an MLP ``2 -> hidden (tanh) -> 2`` in float64, the residual unit
+    (:class:`lightning_cnet.MLPUnit`) of a vector ODE stage.
 
     The one place where the model is constructed; the rest of the study only calls ``field(x)`` on
     states of shape ``[..., 2]``.
@@ -128,7 +147,7 @@ def build_vector_field(hidden: int = 50) -> nn.Module:
     """
     if hidden < 1:
         raise ValueError(f"hidden={hidden!r} is not valid: expected an integer >= 1")
-    return nn.Sequential(nn.Linear(2, hidden), nn.Tanh(), nn.Linear(hidden, 2)).to(torch.float64)
+    return LearnedField(hidden).to(torch.float64)
 
 
 def sample_pairs(
