@@ -346,3 +346,18 @@ def test_a_config_with_a_foreign_class_path_is_refused_and_nothing_runs(run_dir,
                                 "--config", str(config), "--out", str(tmp_path / "out"), capsys=capsys)
     assert "not a LightningDataModule" in stderr
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_curve_reads_a_metrics_csv_and_marks_refinements(tmp_path, capsys) -> None:
+    from lightning_cnet.analysis.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text(
+        "epoch,step,val_acc,refinement/epoch\n0,10,0.5,\n1,20,0.7,1\n2,30,0.8,\n3,40,0.9,3\n"
+    )
+    main(["curve", "--metrics", str(run), "--out", str(tmp_path / "curve.png")])
+    assert _is_png(tmp_path / "curve.png")
+    stderr = analyze_in_process("curve", "--metrics", str(run), "--metric", "test_acc", "--out",
+                                str(tmp_path / "other.png"), capsys=capsys)
+    assert "no scalar 'test_acc'" in stderr and not (tmp_path / "other.png").exists()

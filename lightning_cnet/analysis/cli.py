@@ -7,7 +7,7 @@
     lightning-cnet-analyze depth --ckpt_path A.ckpt [B.ckpt ...] --out DIR
     lightning-cnet-analyze compression --ckpt_path A.ckpt --pairs 8:8 4:4 2:2 [--save DIR] --out DIR
     lightning-cnet-analyze export --ckpt_path A.ckpt --scheme rk4 --n_steps 4 --out model.pt2 [--onnx]
-    lightning-cnet-analyze curve --metrics RUN/metrics.csv --out RUN/analysis/val_acc.png
+    lightning-cnet-analyze curve --metrics RUN --out RUN/analysis/val_acc.png
 
 The data are those a checkpoint was trained on: the ``data`` section of the ``config.yaml`` that ``lightning-cnet``
 saved in the run directory (or ``--config``). As with LightningCLI, only a ``LightningDataModule`` subclass is
@@ -19,7 +19,6 @@ written.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
 from collections.abc import Sequence
@@ -44,6 +43,7 @@ from lightning_cnet.analysis.plots import (
     plot_training_curve,
 )
 from lightning_cnet.integrators import list_schemes
+from lightning_cnet.metrics_reader import read_scalars
 
 PROG = "lightning-cnet-analyze"
 SPLITS = ("test", "val", "train")
@@ -283,15 +283,14 @@ def _export(args: argparse.Namespace) -> None:
 def _curve(args: argparse.Namespace) -> None:
     out = Path(args.out)
     check_writable(out.parent)
-    path = Path(args.metrics)
-    if not path.is_file():
-        raise UsageError(f"{path}: no such file (metrics.csv of a CSVLogger run)")
-    with path.open() as handle:
-        records = list(csv.DictReader(handle))
-    points = sorted({(int(r["epoch"]), float(r[args.metric])) for r in records if r.get(args.metric) not in (None, "")})
-    if not points:
-        raise UsageError(f"{path} has no values of {args.metric!r}")
-    refinements = [float(r["refinement/epoch"]) for r in records if r.get("refinement/epoch")]
+    try:
+        points = read_scalars(args.metrics, args.metric)
+    except FileNotFoundError as error:
+        raise UsageError(f"{args.metrics}: {_first_line(error)}") from None
+    try:
+        refinements = [value for _, value in read_scalars(args.metrics, "refinement/epoch")]
+    except ValueError:  # no refinement in this run
+        refinements = []
     print(f"wrote {plot_training_curve(points, refinements, out, metric=args.metric)}")
 
 
@@ -347,7 +346,8 @@ def _parser() -> argparse.ArgumentParser:
     export.set_defaults(run=_export)
 
     curve = commands.add_parser("curve", help="a metric against epoch with refinement epochs marked")
-    curve.add_argument("--metrics", required=True, help="metrics.csv written by the CSV logger")
+    curve.add_argument("--metrics", required=True,
+                       help="a run folder (its metrics.csv or TensorBoard event files), a metrics.csv or an event file")
     curve.add_argument("--metric", default="val_acc")
     curve.add_argument("--out", default="training_curve.png", help="PNG file to write")
     curve.set_defaults(run=_curve, threads=None)
