@@ -360,4 +360,4 @@ def test_curve_reads_a_metrics_csv_and_marks_refinements(tmp_path, capsys) -> No
     assert _is_png(tmp_path / "curve.png")
     stderr = analyze_in_process("curve", "--metrics", str(run), "--metric", "test_acc", "--out",
                                 str(tmp_path / "other.png"), capsys=capsys)
-    assert "no scalar 'test_acc'" in stderr and not (tmp_path / "other.png").exists()
+    assert "has no column 'test_acc'" in stderr and not (tmp_path / "other.png").exists()
