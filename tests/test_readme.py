@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from lightning_cnet.bases import BASES
+from lightning_cnet.integrators import SCHEMES
+from lightning_cnet.models import MODELS
+from lightning_cnet.units import UNITS
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -29,4 +34,6 @@ def test_readme_has_the_examples():
 def test_readme_example_runs(index, tmp_path, monkeypatch):
     assert "assert " in BLOCKS[index], "each README example checks its own result with an assert"
     monkeypatch.chdir(tmp_path)
+    for registry in (SCHEMES, BASES, MODELS, UNITS):  # what an example registers is dropped afterwards
+        monkeypatch.setattr(registry, "_entries", dict(registry._entries))
     exec(compile(BLOCKS[index], f"README.md example {index + 1}", "exec"), {"__name__": "__readme__"})
