@@ -24,6 +24,7 @@ import argparse
 import csv
 import statistics
 from pathlib import Path
+from typing import Any
 
 from _experiment import RunConfig, run, set_threads
 
@@ -40,11 +41,13 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _record(writer: csv.DictWriter, rows: list[dict], config: RunConfig, method: str, variant: str) -> dict:
+def _record(handle: Any, writer: csv.DictWriter, rows: list[dict], config: RunConfig, method: str,
+            variant: str) -> dict:
     result = run(config)
     row = {"T": config.T, "method": method, "variant": variant, "lr": config.lr, "seed": config.seed,
            "epochs": config.epochs, **{key: round(result[key], 3) for key in COLUMNS[6:]}}
     writer.writerow(row)
+    handle.flush()  # rows can be read while a long run goes on
     rows.append(row)
     print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     return row
@@ -88,7 +91,7 @@ def main() -> None:
                         config = base.replace(T=depth, lr=lr, seed=seed)
                         if method == "full":
                             config = config.replace(refine_at=())
-                        _record(writer, rows, config, method, "")
+                        _record(handle, writer, rows, config, method, "")
             for method in ("refined", "full"):
                 by_lr = {lr: statistics.mean(r["val_acc"] for r in rows if (r["T"], r["method"], r["lr"], r["variant"])
                                              == (depth, method, lr, "")) for lr in args.lrs}
@@ -99,7 +102,7 @@ def main() -> None:
             variants = {**VARIANTS, f"+{args.extra_epochs} epochs at the end": {"epochs": base.epochs + args.extra_epochs}}
             for variant, changes in variants.items():
                 for seed in args.seeds:
-                    _record(writer, rows, refined.replace(seed=seed, **changes), "refined", variant)
+                    _record(handle, writer, rows, refined.replace(seed=seed, **changes), "refined", variant)
 
     print(f"\nhard digits {args.image_size}x{args.image_size}, {args.scheme}, refined "
           f"{base.start_steps} -> {base.final_steps} at {list(base.refine_at)} vs {base.final_steps} from the start, "
