@@ -353,7 +353,8 @@ def test_ddp_ranks_roll_back_together_when_only_one_rank_sees_an_inf_loss():
         strategy="ddp_spawn", devices=2, max_epochs=1, limit_train_batches=4, limit_val_batches=1,
         callbacks=[NonFiniteGuard("rollback", verbose=False), RanksAgree()],
     ))
-    trainer.fit(make_task(RankOneInfLoss), datamodule=TinyDigits())  # the assertions run in both ranks
+    trainer.fit(make_task(RankOneInfLoss), datamodule=TinyDigits())  # RanksAgree asserts in both ranks
+    assert trainer.state.status == "finished"  # an assertion failing in a rank would have ended the fit
 
 
 # ---------------------------------------------------------------------- lightning.pytorch
