@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -28,7 +29,7 @@ class ManifestationMonitorMixin:
     ODE stages alike, and the callback logs ``manifestation/acc_{scheme}_{n}`` for each and
     ``manifestation/invariance_gap``, the largest minus the smallest of these accuracies. A meaningful integrator
     keeps the gap small; a model whose gap stays small while its stages-off accuracy is as high says nothing (see
-    ``lightning-cnet-analyze manifestation``). Works under DDP (the counts are summed over ranks) and every
+    ``lightning-cnet-analyze manifestation``). What the sweep cost is logged as ``manifestation/seconds``. Works under DDP (the counts are summed over ranks) and every
     precision. ``lightning_cnet.callbacks.ManifestationMonitor`` (``pytorch_lightning``) and
     ``lightning_cnet.lightning.ManifestationMonitor`` (``lightning.pytorch``) are this logic made concrete.
 
@@ -74,6 +75,7 @@ class ManifestationMonitorMixin:
         nets = refinable_modules(pl_module)
         if not nets:
             return
+        start = time.perf_counter()
         largest = max(r.n_steps for net in nets for r in net.stage_resolutions)
         n_steps = self.n_steps or tuple(sorted({max(1, largest // 2), largest, 2 * largest}))
         accuracies = {}
@@ -85,5 +87,6 @@ class ManifestationMonitorMixin:
                     accuracies[f"manifestation/acc_{scheme}_{steps}"] = validation_accuracy(
                         trainer, pl_module, self.num_batches)
         accuracies["manifestation/invariance_gap"] = max(accuracies.values()) - min(accuracies.values())
+        accuracies["manifestation/seconds"] = time.perf_counter() - start
         for name, value in accuracies.items():
             pl_module.log(name, value, on_epoch=True, on_step=False)

@@ -460,3 +460,36 @@ def test_callback_state_key_is_shared_by_both_namespaces():
     lightning = pytest.importorskip("lightning_cnet.lightning")
     assert lightning.DepthRefinementCallback([1]).state_key == DepthRefinementCallback([1]).state_key
 
+
+
+# ---------------------------------------------------------------------- watching invariance
+class MetricsRecorder(pl.Callback):
+    def __init__(self) -> None:
+        self.metrics: list[dict[str, float]] = []
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("manifest")})
+
+
+def test_manifestation_monitor_logs_the_accuracy_of_each_manifestation_and_the_gap():
+    from lightning_cnet.callbacks import ManifestationMonitor
+
+    task = make_task()
+    monitor = ManifestationMonitor(schemes=["euler", "rk4"], n_steps=[1, 3], num_batches=1)
+    recorder = MetricsRecorder()
+    fit(task, [monitor, recorder], max_epochs=1, limit_train_batches=2, limit_val_batches=2)
+    logged = recorder.metrics[-1]
+    images, targets = next(iter(torch.utils.data.DataLoader(TinyDigits().val_set, batch_size=32)))
+    task.eval()
+    expected = {}
+    for scheme in ("euler", "rk4"):
+        for steps in (1, 3):
+            with torch.no_grad(), task.model.manifestation(scheme=scheme, n_steps=steps):
+                expected[f"manifestation/acc_{scheme}_{steps}"] = (task(images).argmax(-1) == targets).float().mean()
+    for name, value in expected.items():
+        assert logged[name] == pytest.approx(value.item()), name
+    assert logged["manifestation/invariance_gap"] == pytest.approx(max(expected.values()) - min(expected.values()))
+    assert logged["manifestation/seconds"] > 0
+    assert [r.n_steps for r in task.model.resolution] == [1, 1, 1]  # the model is left at its manifestation
+    with pytest.raises(ValueError, match="scheme='rk9'"):
+        ManifestationMonitor(schemes=["rk9"])
