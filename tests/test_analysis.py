@@ -361,3 +361,14 @@ def test_curve_reads_a_metrics_csv_and_marks_refinements(tmp_path, capsys) -> No
     stderr = analyze_in_process("curve", "--metrics", str(run), "--metric", "test_acc", "--out",
                                 str(tmp_path / "other.png"), capsys=capsys)
     assert "has no column 'test_acc'" in stderr and not (tmp_path / "other.png").exists()
+
+
+def test_outputs_are_written_atomically_with_ordinary_permissions(tmp_path) -> None:
+    from lightning_cnet.analysis import write_csv
+
+    path = write_csv([{"a": 1}, {"a": 2, "b": 3}], tmp_path / "table.csv")
+    assert path.read_text().splitlines() == ["a,b", "1,", "2,3"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+    assert [p.name for p in tmp_path.iterdir()] == ["table.csv"]

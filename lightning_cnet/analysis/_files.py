@@ -43,10 +43,17 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
     temporary = Path(name)
     try:
         write(temporary)
+        os.chmod(temporary, 0o666 & ~_umask())  # the permissions of a file opened as usual, not mkstemp's 0600
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
