@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import stacked_time_tensors
 from torch import nn
 
-from lightning_cnet.bases import BASES, get_basis
+from lightning_cnet.bases import BASES
 from lightning_cnet.integrators import SCHEMES, make_tableau
 from lightning_cnet.models import MODELS, ContinuousNet, get_model, list_models
 from lightning_cnet.units import UNITS

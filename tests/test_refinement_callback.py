@@ -463,7 +463,7 @@ def test_callback_state_key_is_shared_by_both_namespaces():
 
 
 # ---------------------------------------------------------------------- watching invariance
-class MetricsRecorder(pl.Callback):
+class ManifestationRecorder(pl.Callback):
     def __init__(self) -> None:
         self.metrics: list[dict[str, float]] = []
 
@@ -476,7 +476,7 @@ def test_manifestation_monitor_logs_the_accuracy_of_each_manifestation_and_the_g
 
     task = make_task()
     monitor = ManifestationMonitor(schemes=["euler", "rk4"], n_steps=[1, 3], num_batches=1)
-    recorder = MetricsRecorder()
+    recorder = ManifestationRecorder()
     fit(task, [monitor, recorder], max_epochs=1, limit_train_batches=2, limit_val_batches=2)
     logged = recorder.metrics[-1]
     images, targets = next(iter(torch.utils.data.DataLoader(TinyDigits().val_set, batch_size=32)))
