@@ -4,6 +4,7 @@ against the same task trained eagerly, and the compiled code's cache across refi
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import pytorch_lightning as pl
@@ -127,19 +128,20 @@ def test_refinement_drops_the_graphs_of_replaced_parameters():
     assert unique_graphs() == 7 and cache_entries() == 3
 
 
-def test_a_copy_of_a_compiled_task_runs_its_own_weights():
-    """Weight-averaging callbacks deep-copy the task: the copy must run the copied backbone, not the original."""
+def test_copies_of_a_compiled_task_run_their_own_weights():
+    """Weight-averaging callbacks deep-copy the task and ``ddp_spawn`` pickles it: a copy runs its own backbone."""
     task = make_task(compile={"backend": "eager"})
     task._compiled_backbone = CompiledBackbone(task._compile_options)
-    average = copy.deepcopy(task)
-    with torch.no_grad():
-        for parameter in average.model.fc.parameters():
-            parameter.zero_()
     images = torch.randn(3, 1, 8, 8)
-    task.eval(), average.eval()
-    with torch.no_grad():
-        assert torch.equal(average(images), torch.zeros(3, 10))
-        assert not torch.equal(task(images), torch.zeros(3, 10))
+    for average in (copy.deepcopy(task), pickle.loads(pickle.dumps(task))):
+        assert isinstance(average._compiled_backbone, CompiledBackbone)
+        with torch.no_grad():
+            for parameter in average.model.fc.parameters():
+                parameter.zero_()
+        task.eval(), average.eval()
+        with torch.no_grad():
+            assert torch.equal(average(images), torch.zeros(3, 10))
+            assert not torch.equal(task(images), torch.zeros(3, 10))
 
 
 def test_compiled_recomputation_matches_eager_steps():
