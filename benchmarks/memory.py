@@ -1,139 +1,199 @@
-"""Training memory of one RK4 ContinuousNet stage, with and without ``recompute_steps=True``.
+"""Peak training memory of one ODE stage at 1 and 32 steps: stored steps, recomputed steps, torchdiffeq's adjoint.
 
-For each ``N = n_basis = n_steps`` a fresh subprocess builds ``ODEBlock(channels, scheme="rk4")``, runs one
-training step (forward, mean-square loss, backward; after a one-image warm-up step) on a ``[batch, channels, size, size]`` input and reports:
+For each scheme and step count ``N = n_basis = n_steps = T`` one training step (forward, mean-square loss,
+backward; the input requires a gradient, as inside a network) of ``ODEBlock(channels, scheme=...)`` runs in three
+ways:
 
-- **saved**: bytes autograd keeps for the backward pass after the forward, counted by a
-  ``torch.autograd.graph.saved_tensors_hooks`` pack hook, deduplicated by storage (a tensor saved by
-  several nodes, or views of one buffer, count once). With checkpointing this is what the graph holds
-  between forward and backward: each step's input.
-- **peak RSS**: ``ru_maxrss`` of the subprocess after the step, and its growth over the value measured just
-  before the step (the subprocess has imported torch and built the stage and input by then).
+- **stored**: autograd keeps every activation of every step;
+- **recompute**: ``recompute_steps=True``; each step's input is kept and its activations are recomputed in the
+  backward pass, one step at a time (same gradients and statistics);
+- **adjoint**: the same dynamics (``_field.py``) through ``torchdiffeq.odeint_adjoint`` with the same fixed steps,
+  which keeps nothing and integrates the state back in time in the backward pass (its ``rk4`` is the 3/8 rule; its
+  gradient is not the exact one of the discrete forward pass: the error is reported).
 
-Without checkpointing the saved bytes grow with the ``4 N`` evaluations of ``R``; with it they grow with
-the ``N`` step inputs only, and the backward pass recomputes one step at a time.
+Memory is the peak of the bytes allocated for tensors during the step above what was allocated before it: on CPU
+summed from ``torch.profiler``'s allocation events (``profile_memory=True``: every allocation and free of the CPU
+allocator, in order), on CUDA ``torch.cuda.max_memory_allocated``. It is exact, unlike the resident set size,
+which also holds the allocator's cache. The step times come from interleaved timing without the profiler.
+
+What the ratios can be: storing every step makes memory grow with the ``N s`` evaluations of ``R`` (``s`` stages
+per step). Recomputation keeps the ``N`` step inputs, one state each, plus one step's activations ``A`` (about
+``4 s + 4`` states for the preact_basic unit), so 32 steps cost ``(32 + A) / (1 + A)`` times one step.
 
 Usage::
 
-    python benchmarks/memory.py                        # N in {2, 8, 16}, batch 32, 16 channels, 32x32
-    python benchmarks/memory.py --steps 4 32 --batch-size 128
+    python benchmarks/memory.py                                # rk4 and euler, N in {1, 32}, batch 32
+    python benchmarks/memory.py --schemes rk4 --steps 1 8 32 --batch-size 128 --csv outputs/memory.csv
+    python benchmarks/memory.py --device cuda --precision bf16
+    python benchmarks/memory.py --smoke
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import subprocess
-import sys
-import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
+import _bench
+from _field import StageField
 from lightning_cnet.ode_block import ODEBlock
 
+try:
+    from torchdiffeq import odeint_adjoint
+except ImportError:  # pragma: no cover - depends on the environment
+    odeint_adjoint = None
+
 MIB = 2**20
+TARGET_MEMORY, TARGET_TIME = 1.5, 1.4  # recompute: memory at 32 steps / at 1 step; time / stored steps' time
 
 
-class SavedBytes:
-    """Counts the bytes of the distinct storages autograd saves while active (a pack hook keyed by storage).
+class AdjointStage(torch.nn.Module):
+    """A stage integrated by ``torchdiffeq.odeint_adjoint`` with the stage's fixed steps."""
 
-    Saved storages stay alive until the backward pass, so their addresses identify them for the whole forward.
-    """
+    def __init__(self, stage: ODEBlock) -> None:
+        super().__init__()
+        self.field = StageField(stage)
+        self.method = "rk4" if stage.scheme in ("rk4", "rk4_38") else stage.scheme
+        self.options = {"step_size": stage.T / stage.n_steps, "perturb": self.method == "rk4"}
+        self.depth = stage.T
 
-    def __init__(self) -> None:
-        self.storages: dict[int, int] = {}
-
-    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        self.storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor)
-
-    @property
-    def total(self) -> int:
-        return sum(self.storages.values())
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = torch.tensor([0.0, self.depth], device=x.device)
+        return odeint_adjoint(self.field, x, t, method=self.method, options=self.options,
+                              adjoint_params=tuple(self.field.parameters()))[-1]
 
 
-def max_rss_bytes() -> int:
-    """Peak resident set size of this process so far (``ru_maxrss`` is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def measure_row(n: int, recompute_steps: bool, args: argparse.Namespace) -> dict[str, float]:
-    """One training step of a fresh RK4 stage in this process: saved bytes, peak RSS and time."""
-    torch.set_num_threads(args.threads)
+def build(method: str, scheme: str, n: int, channels: int, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
-    block = ODEBlock(args.channels, n_basis=n, n_steps=n, scheme="rk4", recompute_steps=recompute_steps)
+    stage = ODEBlock(channels, n_basis=n, n_steps=n, scheme=scheme, recompute_steps=method == "recompute")
     with torch.no_grad():
-        for piece in block.gate.gate:
+        for piece in stage.gate.gate:
             piece.fill_(1.0)  # a non-trivial R, so that no gradient is skipped as zero
-    # a one-image step first, so that lazy initialisation (kernels, autograd threads) is not counted
-    block(torch.randn(1, args.channels, args.size, args.size, requires_grad=True)).square().mean().backward()
-    x = torch.randn(args.batch_size, args.channels, args.size, args.size, requires_grad=True)
-    saved = SavedBytes()
-    rss_before = max_rss_bytes()
-    start = time.perf_counter()
-    with saved.hooks():
-        out = block(x)
-    out.square().mean().backward()
-    seconds = time.perf_counter() - start
-    rss_peak = max_rss_bytes()
-    return {
-        "saved": saved.total,
-        "rss_peak": rss_peak,
-        "rss_growth": rss_peak - rss_before,
-        "seconds": seconds,
-    }
+    stage.to(device).train()
+    return AdjointStage(stage) if method == "adjoint" else stage
 
 
-def run_in_subprocess(n: int, recompute_steps: bool, args: argparse.Namespace) -> dict[str, float]:
-    """Measure one row in a fresh interpreter, so that ``ru_maxrss`` belongs to that row alone."""
-    command = [
-        sys.executable, __file__, "--row", str(n), str(int(recompute_steps)),
-        "--batch-size", str(args.batch_size), "--channels", str(args.channels), "--size", str(args.size),
-        "--threads", str(args.threads),
-    ]
-    result = subprocess.run(command, check=True, capture_output=True, text=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def training_step(model: torch.nn.Module, x: torch.Tensor, precision: str) -> Callable[[], None]:
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        inputs = x.detach().requires_grad_(True)
+        with _bench.autocast(x.device, precision):
+            loss = model(inputs).float().square().mean()
+        loss.backward()
+
+    return step
 
 
-def parse_args() -> argparse.Namespace:
+def peak_bytes(step: Callable[[], None], device: torch.device) -> int:
+    """Peak bytes allocated during ``step()`` above the bytes allocated before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as result:
+        step()
+    events = sorted((event.start_ns(), event.nbytes()) for event in result.profiler.kineto_results.events()
+                    if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def gradients(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+
+
+@dataclass
+class Row:
+    scheme: str
+    n: int
+    method: str
+    peak_mib: float  # peak tensor memory of the step above the memory before it
+    states: float  # the same in units of one state tensor [batch, channels, size, size]
+    memory_ratio: float  # peak / peak of the same method at the smallest N
+    ms: float  # median step time
+    time_ratio: float  # median over repeats of step time / stored steps' step time at the same N
+    gradient_error: float  # relative L2 distance of the parameters' gradients to the stored steps'
+
+
+def measure_scheme(scheme: str, args: argparse.Namespace, device: torch.device) -> list[Row]:
+    methods = ["stored", "recompute"] + (["adjoint"] if odeint_adjoint is not None and not args.no_adjoint else [])
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch_size, args.channels, args.size, args.size, generator=generator).to(device)
+    state_bytes = x.numel() * x.element_size()
+    rows: list[Row] = []
+    smallest: dict[str, float] = {}
+    for n in sorted(args.steps):
+        models = {method: build(method, scheme, n, args.channels, device) for method in methods}
+        steps = {method: training_step(model, x, args.precision) for method, model in models.items()}
+        peaks, grads = {}, {}
+        for method, step in steps.items():
+            step()  # warm-up: lazy initialisation is not counted
+            peaks[method] = peak_bytes(step, device)
+            grads[method] = gradients(models[method])
+        samples = _bench.time_interleaved(steps, repeats=args.repeats, warmup=0, min_seconds=args.min_seconds,
+                                          device=device)
+        for method in methods:
+            smallest.setdefault(method, peaks[method])
+            error = (grads[method] - grads["stored"]).norm() / grads["stored"].norm()
+            rows.append(Row(scheme, n, method, peaks[method] / MIB, peaks[method] / state_bytes,
+                            peaks[method] / smallest[method], 1e3 * _bench.quartiles(samples[method])[1],
+                            _bench.ratio_quartiles(samples[method], samples["stored"])[1], error.item()))
+        print(f"  {scheme} N={n} done", flush=True)
+    return rows
+
+
+def print_table(rows: Sequence[Row], args: argparse.Namespace) -> None:
+    print(f"{'scheme':<8}{'N':>4}{'method':>11} | {'peak MiB':>9}{'states':>8}{'vs N=' + str(min(args.steps)):>9} | "
+          f"{'step ms':>9}{'vs stored':>10} | {'grad err':>9}")
+    for r in rows:
+        print(f"{r.scheme:<8}{r.n:>4}{r.method:>11} | {r.peak_mib:>9.1f}{r.states:>8.1f}{r.memory_ratio:>8.2f}x | "
+              f"{r.ms:>9.0f}{r.time_ratio:>9.2f}x | {r.gradient_error:>9.1e}")
+    largest = max(args.steps)
+    for r in rows:
+        if r.method == "recompute" and r.n == largest and len(args.steps) > 1:
+            ok = r.memory_ratio <= TARGET_MEMORY and r.time_ratio <= TARGET_TIME
+            print(f"# {r.scheme}, recompute at N={largest}: memory {r.memory_ratio:.2f}x N={min(args.steps)} (target "
+                  f"<= {TARGET_MEMORY}x), time {r.time_ratio:.2f}x stored (target <= {TARGET_TIME}x): "
+                  f"{'met' if ok else 'missed'}")
+    print("# states: peak / bytes of one state tensor; grad err: ||g - g_stored|| / ||g_stored|| over the parameters")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, nargs="+", default=[2, 8, 16], help="values of N = n_basis = n_steps")
+    parser.add_argument("--schemes", nargs="+", default=["rk4", "euler"])
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 32], help="values of N = n_basis = n_steps = T")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--channels", type=int, default=16)
-    parser.add_argument("--size", type=int, default=32, help="height and width of the input")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--row", nargs=2, type=int, metavar=("N", "CHECKPOINT"), help=argparse.SUPPRESS)
-    return parser.parse_args()
+    parser.add_argument("--size", type=int, default=32, help="height and width of the state")
+    parser.add_argument("--no-adjoint", action="store_true", help="leave torchdiffeq's adjoint out")
+    _bench.add_common_arguments(parser, repeats=3, min_seconds=0.0)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.steps, args.batch_size, args.channels, args.size, args.repeats = [1, 2], 2, 4, 8, 1
+    return args
 
 
-def main() -> None:
-    args = parse_args()
-    if args.row is not None:
-        n, recompute_steps = args.row
-        print(json.dumps(measure_row(n, bool(recompute_steps), args)))
-        return
-    print(
-        f"# one ODEBlock stage, rk4, piecewise_constant K=N, input [{args.batch_size}, {args.channels}, "
-        f"{args.size}, {args.size}] float32, one training step per fresh subprocess\n"
-        f"# torch {torch.__version__}, {args.threads} threads; MiB = 2**20 bytes; "
-        "ratio = checkpointed / plain"
-    )
-    groups = {"saved": "saved MiB", "rss_peak": "peak RSS MiB", "rss_growth": "RSS growth MiB", "seconds": "step s"}
-    print(f"{'N':>3}{'evals':>6}" + "".join(f" | {title:>24}" for title in groups.values()))
-    print(f"{'':>9}" + f" | {'plain':>8}{'ckpt':>8}{'ratio':>8}" * len(groups))
-    for n in args.steps:
-        plain, ckpt = run_in_subprocess(n, False, args), run_in_subprocess(n, True, args)
-        cells = []
-        for key in groups:
-            scale = 1.0 if key == "seconds" else 1.0 / MIB
-            a, b = plain[key] * scale, ckpt[key] * scale
-            cells.append(f" | {a:>8.1f}{b:>8.1f}{b / a:>8.2f}")
-        print(f"{n:>3}{4 * n:>6}" + "".join(cells), flush=True)
+def main(argv: Sequence[str] | None = None) -> list[Row]:
+    args = parse_args(argv)
+    device = _bench.configure(args)
+    print(f"# one ODEBlock stage (preact_basic, piecewise constant K = N = T), state [{args.batch_size}, "
+          f"{args.channels}, {args.size}, {args.size}], one training step; MiB = 2**20 bytes\n"
+          f"{_bench.machine(device, args.precision)}\n# step times: {args.repeats} interleaved repeats"
+          + ("" if odeint_adjoint is not None else "; torchdiffeq is not installed: no adjoint rows"), flush=True)
+    rows = [row for scheme in args.schemes for row in measure_scheme(scheme, args, device)]
+    print_table(rows, args)
+    print(f"# load average at the end {_bench.load_average()}")
+    _bench.write_csv(args.csv, [asdict(row) for row in rows])
+    return rows
 
 
 if __name__ == "__main__":

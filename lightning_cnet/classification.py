@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -55,6 +56,11 @@ class ClassificationTask:
             ``"constant"``; LightningCLI's ``--lr_scheduler`` overrides it.
         milestones: epochs at which the ``"step"`` schedule multiplies the LR by ``gamma``.
         gamma: decay factor of the ``"step"`` schedule.
+        compile: ``torch.compile`` the backbone at ``setup`` (``True``, or a dict of ``torch.compile`` keyword
+            arguments such as ``{"mode": "max-autotune", "dynamic": False}``); off by default. After a change of
+            the number of weight pieces (refinement, compression, loading a finer checkpoint) the graphs of the old
+            parameters are dropped and the backbone is compiled again at its next call (see
+            :class:`CompiledBackbone`).
         backbone: use this ContinuousNet instead of building ``model`` (not saved in hyperparameters).
     """
 
@@ -84,10 +90,13 @@ class ClassificationTask:
         lr_schedule: Literal["cosine", "step", "constant"] = "cosine",
         milestones: list[int] | None = None,
         gamma: float = 0.1,
+        compile: bool | dict[str, Any] = False,
         backbone: ContinuousNet | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
+        self._compile_options = compile_options(compile)
+        self._compiled_backbone: CompiledBackbone | None = None
         if optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer={optimizer!r} is not known: expected 'sgd' or 'adamw'")
         if lr_schedule not in ("cosine", "step", "constant"):
@@ -108,11 +117,14 @@ class ClassificationTask:
         self.metrics = nn.ModuleDict({f"{split}_metrics": collection.clone(prefix=f"{split}_") for split in SPLITS})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        if self._compiled_backbone is None:
+            return self.model(x)
+        return self._compiled_backbone(self.model, x)
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, stage: str) -> None:
-        """Check that the model fits the data module: same ``num_classes`` and ``in_chans``."""
+        """Check that the model fits the data module (same ``num_classes`` and ``in_chans``), then compile the
+        backbone if ``compile`` asks for it."""
         datamodule = getattr(self.trainer, "datamodule", None)
         for name, ours in (("num_classes", self.num_classes), ("in_chans", self.in_chans)):
             theirs = getattr(datamodule, name, None)
@@ -121,6 +133,8 @@ class ClassificationTask:
                     f"the model has {name}={ours} but {type(datamodule).__name__} has {name}={theirs}; "
                     f"build the model with {name}={theirs}"
                 )
+        if self._compile_options is not None and self._compiled_backbone is None:
+            self._compiled_backbone = CompiledBackbone(self._compile_options)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another model before any tensor is loaded (see :func:`check_checkpoint`)."""
@@ -195,6 +209,83 @@ class ClassificationTask:
             scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(hp.milestones or []),
                                                              gamma=hp.gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+def _call_backbone(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The function :class:`CompiledBackbone` compiles: the backbone is an argument, so that every copy of a task
+    (``copy.deepcopy`` by weight-averaging callbacks) runs its own backbone through the same compiled code."""
+    return model(x)
+
+
+def compile_options(compile: bool | dict[str, Any]) -> dict[str, Any] | None:
+    """The ``torch.compile`` keyword arguments that ``compile`` asks for (``None``: do not compile).
+
+    Raises:
+        ValueError: ``compile`` is neither a bool nor a dict, or the dict has a key ``torch.compile`` does not take.
+
+    Example:
+        >>> compile_options(True), compile_options(False), compile_options({"dynamic": False})
+        ({}, None, {'dynamic': False})
+    """
+    if isinstance(compile, bool):
+        return {} if compile else None
+    if not isinstance(compile, Mapping):
+        raise ValueError(f"compile={compile!r} is not valid: expected True, False or a dict of torch.compile "
+                         "keyword arguments")
+    accepted = [name for name in inspect.signature(torch.compile).parameters if name != "model"]
+    unknown = sorted(str(key) for key in compile if key not in accepted)
+    if unknown:
+        raise ValueError(f"compile has keys torch.compile does not take: {', '.join(unknown)}; expected some of "
+                         f"{', '.join(accepted)}")
+    return dict(compile)
+
+
+class CompiledBackbone:
+    """``torch.compile`` of a backbone's forward that never keeps graphs of replaced parameters.
+
+    TorchDynamo's guards already recompile when the model changes (a refinement changes the number of pieces and the
+    step plan), but the old graphs stay cached next to the new ones and count against
+    ``torch._dynamo.config.recompile_limit`` (8 per function): a few refinements, each followed by training,
+    validation and a smaller last batch, exhaust it and the backbone silently runs eagerly. So when the number of
+    weight pieces per stage changes, the compiled code's cache is emptied first and the next call compiles once for
+    the new parameters. A change of manifestation alone (scheme, step count) keeps the cache: evaluating at another
+    step count and coming back reuses both graphs.
+
+    Args:
+        options: keyword arguments of ``torch.compile``.
+
+    Example:
+        >>> from lightning_cnet.models import get_model
+        >>> net = get_model("cnet_digits")
+        >>> compiled = CompiledBackbone({"backend": "eager"})
+        >>> compiled(net, torch.randn(2, 1, 8, 8)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = dict(options)
+        self._compiled = torch.compile(_call_backbone, **self.options)
+        self._pieces: tuple[int, ...] | None = None
+
+    def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        pieces = _pieces_per_stage(model)
+        if pieces != self._pieces:
+            if self._pieces is not None:
+                torch._dynamo.eval_frame.remove_from_cache(_call_backbone)
+            self._pieces = pieces
+        return self._compiled(model, x)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the compiled callable (``ddp_spawn`` pickles the task); it is rebuilt on unpickling."""
+        return {"options": self.options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["options"])
+
+
+def _pieces_per_stage(model: nn.Module) -> tuple[int, ...]:
+    resolutions = getattr(model, "stage_resolutions", ())
+    return tuple(resolution.n_basis for resolution in resolutions)
 
 
 def check_checkpoint(task: ClassificationTask, checkpoint: dict[str, Any]) -> None:

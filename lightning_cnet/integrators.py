@@ -208,7 +208,7 @@ def rk_integrate(
     The generic loop behind every scheme: stage ``j`` of step ``i`` evaluates
     ``rate(stage_arguments[i][j], x_i + h * sum_l a[j][l] k_l)``, and the step ends with
     ``x_{i+1} = x_i + h * sum_j b_j k_j``. Zero tableau entries cost nothing; each non-zero one is one
-    fused ``add`` pass.
+    fused ``add`` pass, and a combination of several terms allocates one tensor only.
 
     Args:
         rate: the right-hand side, called with a stage's argument (a time, or a weight lookup) and a state.
@@ -220,13 +220,37 @@ def rk_integrate(
     for step_arguments in stage_arguments:
         slopes: list[torch.Tensor] = []
         for terms, argument in zip(tableau.stage_terms, step_arguments):
-            stage_state = x
-            for column, coefficient in terms:
-                stage_state = torch.add(stage_state, slopes[column], alpha=step_size * coefficient)
-            slopes.append(rate(argument, stage_state))
-        for column, weight in tableau.final_terms:
-            x = torch.add(x, slopes[column], alpha=step_size * weight)
+            slopes.append(rate(argument, _combine(x, slopes, terms, step_size)))
+        x = _combine(x, slopes, tableau.final_terms, step_size)
     return x
+
+
+def _combine(
+    x: torch.Tensor, slopes: Sequence[torch.Tensor], terms: tuple[tuple[int, float], ...], step_size: float
+) -> torch.Tensor:
+    """``x + h * sum_j a_j k_j``, added left to right.
+
+    The first term makes a new tensor and the others are added to it in place: the same values as out-of-place adds
+    without an allocation per term (nothing else holds that tensor yet, so autograd needs none of its earlier
+    versions). A term that would change the dtype or shape of the sum, or a symbolic value (a ``torch.fx`` proxy,
+    whose dtype is not known while tracing), is added out of place.
+    """
+    if not terms:
+        return x
+    (column, coefficient), *rest = terms
+    combined = torch.add(x, slopes[column], alpha=step_size * coefficient)
+    for column, coefficient in rest:
+        slope = slopes[column]
+        if _accumulates_in_place(combined, slope):
+            combined.add_(slope, alpha=step_size * coefficient)
+        else:
+            combined = torch.add(combined, slope, alpha=step_size * coefficient)
+    return combined
+
+
+def _accumulates_in_place(total: torch.Tensor, term: torch.Tensor) -> bool:
+    return (isinstance(total, torch.Tensor) and isinstance(term, torch.Tensor) and term.dtype == total.dtype
+            and term.shape == total.shape)
 
 
 def odeint_fixed(

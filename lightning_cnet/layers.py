@@ -51,9 +51,9 @@ class ParameterChange:
 
 def at_time(pieces: Sequence[torch.Tensor], nodes: NodeWeights) -> torch.Tensor:
     """``sum_k w_k pieces[k]`` for the given node weights; plain indexing for a single piece."""
-    (index, weight), *rest = nodes
+    index, weight = nodes[0]
     value = pieces[index] if weight == 1.0 else pieces[index] * weight
-    for index, weight in rest:
+    for index, weight in nodes[1:]:
         value = value + pieces[index] * weight
     return value
 
@@ -174,7 +174,8 @@ class TimeConv2d(TimeDependent):
     def forward(self, x: torch.Tensor, nodes: NodeWeights, gain: torch.Tensor | None = None) -> torch.Tensor:
         """Convolve with ``theta(t)``; ``gain`` (a scalar) scales the output by scaling the kernel."""
         weight = at_time(self.weight, nodes)
-        bias = None if self.bias is None else at_time(self.bias, nodes)
+        bias_pieces = self.bias
+        bias = None if bias_pieces is None else at_time(bias_pieces, nodes)
         if gain is not None:
             weight = weight * gain
             bias = None if bias is None else bias * gain
@@ -210,7 +211,8 @@ class TimeLinear(TimeDependent):
     def forward(self, x: torch.Tensor, nodes: NodeWeights, gain: torch.Tensor | None = None) -> torch.Tensor:
         """Apply ``theta(t)``; ``gain`` (a scalar) scales the output by scaling the weights."""
         weight = at_time(self.weight, nodes)
-        bias = None if self.bias is None else at_time(self.bias, nodes)
+        bias_pieces = self.bias
+        bias = None if bias_pieces is None else at_time(bias_pieces, nodes)
         if gain is not None:
             weight = weight * gain
             bias = None if bias is None else bias * gain

@@ -339,23 +339,31 @@ class ODEBlock(nn.Module):
     def _rate(self, nodes: NodeWeights, x: torch.Tensor) -> torch.Tensor:
         return self.unit(x, nodes, None if self.gate is None else self.gate(nodes))
 
+    def _recomputation_context(self) -> tuple[nullcontext, _FrozenStatistics]:
+        return nullcontext(), _FrozenStatistics(self)
+
     def _step(self, x: torch.Tensor, step_plan: tuple[NodeWeights, ...]) -> torch.Tensor:
         return rk_integrate(self._rate, x, self.tableau, self.T / self.n_steps, (step_plan,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Integrate the stage from ``t = 0`` to ``t = 1``."""
         if self.recompute_steps and self.training and torch.is_grad_enabled():
+            # compiled, the recomputation is part of the traced graph and updates no statistic: no context needed
+            options = {} if _compiling() else {"context_fn": self._recomputation_context}
             for step_plan in self._plan:
-                x = checkpoint(
-                    self._step, x, step_plan, use_reentrant=False,
-                    context_fn=lambda: (nullcontext(), _FrozenStatistics(self)),
-                )
+                x = checkpoint(self._step, x, step_plan, use_reentrant=False, **options)
             return x
         return rk_integrate(self._rate, x, self.tableau, self.T / self.n_steps, self._plan)
 
     def extra_repr(self) -> str:
         r = self.resolution
         return f"n_basis={r.n_basis}, n_steps={r.n_steps}, scheme={r.scheme!r}, basis={r.basis!r}, T={r.T}"
+
+
+def _compiling() -> bool:
+    """Whether TorchDynamo is tracing this call (``torch.compiler.is_compiling``, where this torch has it)."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling is not None and is_compiling())
 
 
 def check_noise_std(noise_std: float) -> None:
