@@ -6,16 +6,18 @@
 #
 # Every script writes OUT_DIR/<script>-<precision>.txt (its table) and .csv; OUT_DIR/device.txt describes the GPU.
 # Needs the bench extra (torchdiffeq, torchdyn). DEVICE, PRECISIONS and EXTRA override the device (cuda), the
-# precisions ("fp32 bf16") and add arguments to every script (EXTRA=--smoke: a check that the suite runs).
+# precisions ("fp32 bf16") and add arguments to every script (EXTRA=--smoke: a check that the suite runs); PYTHON
+# names the interpreter (default: python on PATH).
 set -euo pipefail
 out=$(realpath -m "${1:-outputs/gpu-$(date +%Y%m%d-%H%M%S)}")
 device=${DEVICE:-cuda}
 precisions=${PRECISIONS:-fp32 bf16}
+python=${PYTHON:-python}
 read -r -a extra <<< "${EXTRA:-}"
 cd "$(dirname "$0")"
 mkdir -p "$out"
 
-python - "$device" > "$out/device.txt" <<'PY'
+"$python" - "$device" > "$out/device.txt" <<'PY'
 import sys, torch
 device = torch.device(sys.argv[1])
 if device.type == "cuda":
@@ -29,7 +31,7 @@ run() {
     local name=$1 script=$2
     shift 2
     echo "== $name"
-    python "$script" --device "$device" --csv "$out/$name.csv" "$@" "${extra[@]}" 2>&1 | tee "$out/$name.txt"
+    "$python" "$script" --device "$device" --csv "$out/$name.csv" "$@" "${extra[@]}" 2>&1 | tee "$out/$name.txt"
 }
 
 start=$SECONDS

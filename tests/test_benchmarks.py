@@ -141,7 +141,8 @@ def test_gpu_suite_runs_in_smoke_mode_on_cpu(tmp_path):
     """The GPU suite's own script, on CPU and in bf16, every benchmark in its smoke mode."""
     pytest.importorskip("torchdiffeq")
     pytest.importorskip("torchdyn")
-    env = {**os.environ, "DEVICE": "cpu", "PRECISIONS": "bf16", "EXTRA": "--smoke", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "DEVICE": "cpu", "PRECISIONS": "bf16", "EXTRA": "--smoke", "OMP_NUM_THREADS": "1",
+           "PYTHON": sys.executable}
     result = subprocess.run(["bash", str(BENCHMARKS / "gpu_suite.sh"), str(tmp_path / "out")], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
