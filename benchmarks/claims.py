@@ -17,6 +17,7 @@ Usage::
 
     python benchmarks/claims.py --out outputs/claims                 # 3 seeds; about an hour on 2 CPU cores
     python benchmarks/claims.py --out outputs/claims --skip-training # studies and tables from existing runs
+    python benchmarks/claims.py --out outputs/claims --resume        # only what is missing (seeds can run apart)
     python benchmarks/claims.py --quick --out /tmp/claims            # smoke run: one seed, two short epochs
 """
 
@@ -168,15 +169,21 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/claims")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--skip-training", action="store_true", help="reuse the runs under OUT/runs")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the trained runs and finished studies under OUT, do only what is missing")
     parser.add_argument("--quick", action="store_true", help="smoke run: one seed, two short epochs")
     args = parser.parse_args()
     out = Path(args.out)
     seeds = args.seeds[:1] if args.quick else args.seeds
     for seed in seeds:
         for model in MODELS:
-            if not args.skip_training:
+            finished = run_directory(out, model, seed) / "finished"
+            if not args.skip_training and not (args.resume and finished.is_file()):
                 train(out, model, seed, QUICK if args.quick else ())
-            study(out, model, seed, args.quick)
+                finished.touch()
+            studied = (out / "analysis" / f"{model}_s{seed}" / "compression.csv").is_file()
+            if not (args.resume and studied):
+                study(out, model, seed, args.quick)
     checkpoints = [str(run_directory(out, m, seeds[0]) / "checkpoints" / "last.ckpt") for m in MODELS]
     _analyze("depth", "--ckpt_path", *checkpoints, "--labels", *MODELS, "--out", str(out / "analysis" / "depth"))
     overlay(out, seeds[0])
