@@ -75,6 +75,19 @@ def _sources(matrix: torch.Tensor, old: Sequence[nn.Parameter], row: int) -> tup
     return tuple((old[col], float(matrix[row, col])) for col in range(matrix.shape[1]) if matrix[row, col] != 0)
 
 
+def _weight_and_bias(
+    weight: Sequence[torch.Tensor], bias: Sequence[torch.Tensor] | None, nodes: NodeWeights,
+    gain: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A weighted layer's ``theta(t)``: weight and bias at the node weights, both scaled by ``gain`` if given."""
+    weight_t = at_time(weight, nodes)
+    bias_t = None if bias is None else at_time(bias, nodes)
+    if gain is not None:
+        weight_t = weight_t * gain
+        bias_t = None if bias_t is None else bias_t * gain
+    return weight_t, bias_t
+
+
 class TimeDependent(nn.Module):
     """Base class for layers whose tensors are stored as ``K`` pieces.
 
@@ -173,12 +186,7 @@ class TimeConv2d(TimeDependent):
 
     def forward(self, x: torch.Tensor, nodes: NodeWeights, gain: torch.Tensor | None = None) -> torch.Tensor:
         """Convolve with ``theta(t)``; ``gain`` (a scalar) scales the output by scaling the kernel."""
-        weight = at_time(self.weight, nodes)
-        bias_pieces = self.bias
-        bias = None if bias_pieces is None else at_time(bias_pieces, nodes)
-        if gain is not None:
-            weight = weight * gain
-            bias = None if bias is None else bias * gain
+        weight, bias = _weight_and_bias(self.weight, self.bias, nodes, gain)
         return F.conv2d(x, weight, bias, padding=self.padding, groups=self.groups)
 
 
@@ -210,12 +218,7 @@ class TimeLinear(TimeDependent):
 
     def forward(self, x: torch.Tensor, nodes: NodeWeights, gain: torch.Tensor | None = None) -> torch.Tensor:
         """Apply ``theta(t)``; ``gain`` (a scalar) scales the output by scaling the weights."""
-        weight = at_time(self.weight, nodes)
-        bias_pieces = self.bias
-        bias = None if bias_pieces is None else at_time(bias_pieces, nodes)
-        if gain is not None:
-            weight = weight * gain
-            bias = None if bias is None else bias * gain
+        weight, bias = _weight_and_bias(self.weight, self.bias, nodes, gain)
         return F.linear(x, weight, bias)
 
 
