@@ -72,11 +72,11 @@ def study(out: Path, model: str, seed: int, quick: bool) -> None:
     run = run_directory(out, model, seed)
     ckpt = str(run / "checkpoints" / "last.ckpt")
     target = str(out / "analysis" / f"{model}_s{seed}")
-    steps = ["--n_steps", "1", "2", "4"] if quick else []
+    steps = ["--n_steps", "1", "2", "4", "--schemes", "euler", "rk4"] if quick else []
     _analyze("manifestation", "--ckpt_path", ckpt, "--labels", model, "--recalibrate_bn", "--out", target, *steps,
              *(["--reference_steps", "16"] if quick else []))
     _analyze("convergence", "--ckpt_path", ckpt, "--out", target,
-             *(["--n_steps", "2", "4", "8", "--reference_steps", "32"] if quick else []))
+             *(["--n_steps", "2", "4", "--schemes", "euler", "rk4", "--reference_steps", "16"] if quick else []))
     _analyze("compression", "--ckpt_path", ckpt, "--pairs", *(("1:1", "1:4") if quick else PAIRS), "--out", target)
 
 

@@ -5,7 +5,8 @@ per stage, ``T`` fixed) for the same epochs with SGD and a cosine schedule. *ref
 ``final / 2**len(refine_at)`` steps and doubles at ``--refine-at``; *full* trains at ``final`` from the start. For
 every ``T`` and method, every learning rate of ``--lrs`` runs on every seed; the rate with the best mean
 **validation** accuracy is that method's, and its test accuracy (mean and standard deviation over seeds) and wall
-time (``trainer.fit``, no validation during fit) are reported, with the paired difference refined - full per seed.
+time (``trainer.fit``, no validation during fit) are reported, with the paired difference refined - full per seed;
+the wall-time ratio is the median over every pair of runs of one rate and seed, which run back to back.
 Then variants of the refined run that may close an accuracy gap run at its chosen rate: the optimizer state reset
 instead of interpolated, refinement noise 0.1, BatchNorm statistics re-estimated after each refinement, and
 ``--extra-epochs`` more epochs at the final resolution (refinements at the same epochs). Runs of one seed are
@@ -16,6 +17,7 @@ Usage::
     python benchmarks/refinement.py                               # T 2 and 8, lrs 0.05 0.1 0.2, seeds 0 1 2
     python benchmarks/refinement.py --T 8 --lrs 0.1 --seeds 0     # one setting
     python benchmarks/refinement.py --quick                       # smoke run, seconds
+    python benchmarks/refinement.py --from-csv t2.csv t8.csv      # the summary of earlier runs, e.g. one per T
 """
 
 from __future__ import annotations
@@ -53,6 +55,64 @@ def _record(handle: Any, writer: csv.DictWriter, rows: list[dict], config: RunCo
     return row
 
 
+def chosen_rates(rows: list[dict]) -> dict[tuple[float, str], float]:
+    """Each ``(T, method)``'s learning rate: the best mean validation accuracy over seeds (plain runs only)."""
+    chosen = {}
+    for depth, method in dict.fromkeys((r["T"], r["method"]) for r in rows):
+        plain = [r for r in rows if (r["T"], r["method"], r["variant"]) == (depth, method, "")]
+        by_lr = {lr: statistics.mean(r["val_acc"] for r in plain if r["lr"] == lr) for lr in dict.fromkeys(
+            r["lr"] for r in plain)}
+        chosen[depth, method] = max(by_lr, key=by_lr.get)
+    return chosen
+
+
+def summary(rows: list[dict], base: RunConfig, scheme: str, image_size: int) -> str:
+    """The table of every ``T`` and run at its chosen rate, and the paired differences refined - full."""
+    chosen = chosen_rates(rows)
+    seeds = sorted({r["seed"] for r in rows})
+    lrs = sorted({r["lr"] for r in rows if not r["variant"]})
+    lines = [f"\nhard digits {image_size}x{image_size}, {scheme}, refined {base.start_steps} -> {base.final_steps} "
+             f"at {list(base.refine_at)} vs {base.final_steps} from the start, {base.epochs} epochs, seeds {seeds}; "
+             f"each method's lr chosen on validation from {lrs}",
+             f"{'T':>4s} {'run':34s} {'lr':>5s} | {'val %':>6s} {'test % mean +- std':>19s} {'off %':>6s} "
+             f"{'wall s':>7s}"]
+    for depth in dict.fromkeys(r["T"] for r in rows):
+        variants = list(dict.fromkeys(r["variant"] for r in rows if r["T"] == depth and r["variant"]))
+        for method, variant in [("full", ""), ("refined", "")] + [("refined", v) for v in variants]:
+            lr = chosen[depth, method]
+            picked = [r for r in rows if (r["T"], r["method"], r["variant"], r["lr"]) == (depth, method, variant, lr)]
+            test, spread = _mean_std([r["test_acc"] for r in picked])
+            label = method + (f", {variant}" if variant else "")
+            lines.append(f"{depth:4.1f} {label:34s} {lr:5.2f} | {statistics.mean(r['val_acc'] for r in picked):6.2f} "
+                         f"{test:11.2f} +- {spread:5.2f} "
+                         f"{statistics.mean(r['test_acc_stages_off'] for r in picked):6.2f} "
+                         f"{statistics.mean(r['wall'] for r in picked):7.1f}")
+        full, refined = ({r["seed"]: r for r in rows if (r["T"], r["method"], r["variant"], r["lr"]) ==
+                          (depth, method, "", chosen[depth, method])} for method in ("full", "refined"))
+        differences = [refined[s]["test_acc"] - full[s]["test_acc"] for s in seeds]
+        mean, spread = _mean_std(differences)
+        # the cost does not depend on the rate: time every pair of runs made back to back (same rate and seed)
+        plain = {(r["method"], r["lr"], r["seed"]): r["wall"] for r in rows if r["T"] == depth and not r["variant"]}
+        ratios = sorted(wall / plain["full", lr, seed] for (method, lr, seed), wall in plain.items()
+                        if method == "refined" and ("full", lr, seed) in plain)
+        lines.append(f"T={depth:g}: refined - full test accuracy {mean:+.2f} +- {spread:.2f} points (per seed "
+                     f"{', '.join(f'{d:+.2f}' for d in differences)}); wall time refined / full, runs of the same "
+                     f"rate and seed made back to back: median {statistics.median(ratios):.2f} over {len(ratios)} "
+                     f"pairs (range {ratios[0]:.2f}-{ratios[-1]:.2f})")
+    return "\n".join(lines)
+
+
+def read_rows(paths: list[str]) -> list[dict]:
+    """Rows of earlier runs' CSV files, typed as :func:`_record` writes them."""
+    rows = []
+    for path in paths:
+        with open(path, newline="") as handle:
+            for row in csv.DictReader(handle):
+                rows.append({key: value if key in ("method", "variant") else
+                             int(value) if key in ("seed", "epochs") else float(value) for key, value in row.items()})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scheme", default="rk4")
@@ -67,6 +127,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="refinement.csv")
+    parser.add_argument("--from-csv", nargs="+", metavar="CSV",
+                        help="print the summary of earlier runs' CSV files (e.g. one per T) instead of running")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, one seed")
     args = parser.parse_args()
     set_threads(args.threads)
@@ -76,10 +138,12 @@ def main() -> None:
         args.T, args.lrs, args.seeds, args.extra_epochs = args.T[:1], args.lrs[:2], args.seeds[:1], 1
         base = base.replace(final_steps=2, refine_at=(1,), epochs=2, limit_train_batches=2)
 
+    if args.from_csv:
+        print(summary(read_rows(args.from_csv), base, args.scheme, args.image_size))
+        return
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    chosen: dict[tuple[float, str], float] = {}
     with out.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
@@ -92,43 +156,15 @@ def main() -> None:
                         if method == "full":
                             config = config.replace(refine_at=())
                         _record(handle, writer, rows, config, method, "")
-            for method in ("refined", "full"):
-                by_lr = {lr: statistics.mean(r["val_acc"] for r in rows if (r["T"], r["method"], r["lr"], r["variant"])
-                                             == (depth, method, lr, "")) for lr in args.lrs}
-                chosen[depth, method] = max(by_lr, key=by_lr.get)
             if args.no_variants:
                 continue
-            refined = base.replace(T=depth, lr=chosen[depth, "refined"])
+            refined = base.replace(T=depth, lr=chosen_rates(rows)[depth, "refined"])
             variants = {**VARIANTS, f"+{args.extra_epochs} epochs at the end": {"epochs": base.epochs + args.extra_epochs}}
             for variant, changes in variants.items():
                 for seed in args.seeds:
                     _record(handle, writer, rows, refined.replace(seed=seed, **changes), "refined", variant)
 
-    print(f"\nhard digits {args.image_size}x{args.image_size}, {args.scheme}, refined "
-          f"{base.start_steps} -> {base.final_steps} at {list(base.refine_at)} vs {base.final_steps} from the start, "
-          f"{base.epochs} epochs, seeds {args.seeds}; each method's lr chosen on validation from {args.lrs}")
-    print(f"{'T':>4s} {'run':34s} {'lr':>5s} | {'val %':>6s} {'test % mean +- std':>19s} {'off %':>6s} "
-          f"{'wall s':>7s}")
-    for depth in args.T:
-        variants = list(dict.fromkeys(r["variant"] for r in rows if r["T"] == depth and r["variant"]))
-        for method, variant in [("full", ""), ("refined", "")] + [("refined", v) for v in variants]:
-            lr = chosen[depth, method]
-            picked = [r for r in rows if (r["T"], r["method"], r["variant"], r["lr"]) == (depth, method, variant, lr)]
-            test, spread = _mean_std([r["test_acc"] for r in picked])
-            label = method + (f", {variant}" if variant else "")
-            print(f"{depth:4.1f} {label:34s} {lr:5.2f} | {statistics.mean(r['val_acc'] for r in picked):6.2f} "
-                  f"{test:11.2f} +- {spread:5.2f} {statistics.mean(r['test_acc_stages_off'] for r in picked):6.2f} "
-                  f"{statistics.mean(r['wall'] for r in picked):7.1f}")
-        full = {r["seed"]: r for r in rows if (r["T"], r["method"], r["variant"], r["lr"]) ==
-                (depth, "full", "", chosen[depth, "full"])}
-        refined = {r["seed"]: r for r in rows if (r["T"], r["method"], r["variant"], r["lr"]) ==
-                   (depth, "refined", "", chosen[depth, "refined"])}
-        differences = [refined[s]["test_acc"] - full[s]["test_acc"] for s in args.seeds]
-        ratios = [refined[s]["wall"] / full[s]["wall"] for s in args.seeds]
-        mean, spread = _mean_std(differences)
-        print(f"T={depth:g}: refined - full test accuracy {mean:+.2f} +- {spread:.2f} points (per seed "
-              f"{', '.join(f'{d:+.2f}' for d in differences)}); wall time refined / full "
-              f"{statistics.median(ratios):.2f} (median; {', '.join(f'{r:.2f}' for r in ratios)})")
+    print(summary(rows, base, args.scheme, args.image_size))
 
 
 if __name__ == "__main__":
