@@ -27,7 +27,7 @@ def _pyplot() -> Any:
 
 def _save(figure: Any, path: str | Path) -> Path:
     figure.tight_layout()
-    written = write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
+    written = write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png", bbox_inches="tight"))
     _pyplot().close(figure)
     return written
 
@@ -77,7 +77,7 @@ def plot_manifestation(rows_by_label: Mapping[str, Sequence[dict[str, Any]]], pa
         for ax in (accuracy_axes, distance_axes):
             ax.set_xscale("log", base=2)
             ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="best")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside: the curves stay visible
     return _save(figure, path)
 
 
