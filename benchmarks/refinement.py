@@ -79,7 +79,9 @@ def summary(rows: list[dict], base: RunConfig, scheme: str, image_size: int) -> 
     for depth in dict.fromkeys(r["T"] for r in rows):
         variants = list(dict.fromkeys(r["variant"] for r in rows if r["T"] == depth and r["variant"]))
         for method, variant in [("full", ""), ("refined", "")] + [("refined", v) for v in variants]:
-            lr = chosen[depth, method]
+            # a variant runs at one rate only: the refined run's rate when it ran
+            lr = chosen[depth, method] if not variant else next(
+                r["lr"] for r in rows if (r["T"], r["variant"]) == (depth, variant))
             picked = [r for r in rows if (r["T"], r["method"], r["variant"], r["lr"]) == (depth, method, variant, lr)]
             test, spread = _mean_std([r["test_acc"] for r in picked])
             label = method + (f", {variant}" if variant else "")
