@@ -74,6 +74,27 @@ def autocast(device: torch.device, precision: str) -> Any:
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
+def sgd_step(
+    model: torch.nn.Module, inputs: torch.Tensor, loss: Callable[[torch.Tensor], torch.Tensor], precision: str, *,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Callable[[], torch.Tensor]:
+    """One SGD training step of ``model`` on a fixed batch, returning its loss; a tiny learning rate keeps the
+    weights sane over many timed steps. ``forward`` replaces ``model`` in the forward pass (a compiled call)."""
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    forward = model if forward is None else forward
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(inputs.device, precision):
+            value = loss(forward(inputs))
+        value.backward()
+        optimizer.step()
+        return value
+
+    return step
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

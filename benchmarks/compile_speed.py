@@ -49,15 +49,10 @@ TARGET_SPEEDUP = 1.4
 
 def training_step(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
                   labels: torch.Tensor, precision: str, losses: list[float]) -> Callable[[], None]:
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    sgd = _bench.sgd_step(model, images, lambda logits: F.cross_entropy(logits, labels), precision, forward=forward)
 
     def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with _bench.autocast(images.device, precision):
-            loss = F.cross_entropy(forward(images), labels)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+        losses.append(sgd().item())
 
     return step
 

@@ -48,18 +48,8 @@ RK4_TARGET = 4.1
 
 
 def train_step_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, precision: str) -> Callable[[], None]:
-    """One SGD training step of ``model`` on a fixed batch (a tiny learning rate keeps the weights sane)."""
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with _bench.autocast(images.device, precision):
-            loss = F.cross_entropy(model(images), labels)
-        loss.backward()
-        optimizer.step()
-
-    return step
+    """One SGD training step of ``model`` on a fixed batch (cross-entropy)."""
+    return _bench.sgd_step(model, images, lambda logits: F.cross_entropy(logits, labels), precision)
 
 
 def inference_fn(model: nn.Module, images: torch.Tensor, precision: str) -> Callable[[], None]:

@@ -168,17 +168,7 @@ def step_fn(model: nn.Module, mode: str, x: torch.Tensor, labels: torch.Tensor |
                 model(x)
 
         return forward
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-
-    def train_step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with _bench.autocast(x.device, precision):
-            loss = loss_of(model(x), labels)
-        loss.backward()
-        optimizer.step()
-
-    return train_step
+    return _bench.sgd_step(model, x, lambda output: loss_of(output, labels), precision)
 
 
 def reference_of(scheme: str, name: str) -> str:
