@@ -1,0 +1,125 @@
+"""What the libraries a ContinuousNet plugs into expect of a model or a callback, stated in our own words: timm's
+model contract (the default configuration, ``features_only`` with a ``feature_cfg``), TorchScript directly and
+through ``torch.fx``, ``torch.export`` and ONNX at any batch size, and Lightning's contract for several callbacks of
+one kind in a Trainer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_cnet import get_model, register_model
+from lightning_cnet import timm_support
+from lightning_cnet.models import MODELS, ContinuousNet
+
+timm = pytest.importorskip("timm")
+from timm.models import FeatureGraphNet  # noqa: E402
+from timm.models._features import FeatureGetterNet  # noqa: E402
+
+BUILDERS = ("cnet_cifar", "cnet_cifar_wide", "cnet_digits")
+
+
+def stage_maps(model: ContinuousNet, x: torch.Tensor) -> list[torch.Tensor]:
+    """The map after each stage, by running the modules one by one (stem, stage, stitch, stage, ...)."""
+    maps, x = [], model.stem(x)
+    for index, stage in enumerate(model.stages):
+        x = stage(x if index == 0 else model.stitches[index - 1](x))
+        maps.append(x)
+    return maps
+
+
+# ---------------------------------------------------------------------- timm: the default configuration
+@pytest.mark.parametrize("name", BUILDERS)
+def test_default_cfg_gives_the_final_feature_map_of_the_default_input(name: str, randomize) -> None:
+    model = randomize(timm.create_model(name)).eval()
+    cfg = model.pretrained_cfg
+    channels, *size = cfg["input_size"]
+    assert cfg is model.default_cfg and len(cfg["mean"]) == len(cfg["std"]) == channels == model.in_chans
+    state = model.state_dict()
+    assert f"{cfg['first_conv']}.weight" in state and f"{cfg['classifier']}.weight" in state
+    assert cfg["num_classes"] == model.num_classes
+
+    x = torch.randn(2, channels, *size)
+    with torch.no_grad():
+        final = model.forward_features(x)
+        assert final.shape == (2, model.num_features, *cfg["pool_size"])  # measured, not computed from the cfg
+        assert model.forward_head(final, pre_logits=True).shape == (2, model.head_hidden_size)
+        model.reset_classifier(0)
+        assert model(x).shape == (2, model.head_hidden_size)
+        model.reset_classifier(0, "")
+        assert model(x).shape == final.shape
+        unpooled = timm.create_model(name, num_classes=0, global_pool="").eval()
+        assert unpooled(x).shape == final.shape
+
+
+def test_a_builder_without_configuration_gets_the_pool_size_of_its_input_size() -> None:
+    names = {"cnet_peer_default": None, "cnet_peer_odd": {"input_size": (1, 13, 13)}}
+
+    def builder(**kwargs):
+        return ContinuousNet((4, 8, 8), **{"in_chans": 1, "num_classes": 3, **kwargs})
+
+    for name in names:
+        register_model(builder, name=name)
+    try:
+        timm_support.register_timm_models({name: cfg for name, cfg in names.items() if cfg})
+        for name in names:
+            model = timm.create_model(name).eval()
+            input_size = model.pretrained_cfg["input_size"]
+            with torch.no_grad():
+                final = model.forward_features(torch.zeros(1, *input_size))
+            assert tuple(final.shape[2:]) == model.pretrained_cfg["pool_size"], name
+        assert timm.create_model("cnet_peer_odd").pretrained_cfg["pool_size"] == (4, 4)  # 13 -> 7 -> 4
+    finally:
+        from timm.models._registry import _clear_model_entries
+
+        for name in names:
+            _clear_model_entries(name)
+            del MODELS._entries[name]
+            timm_support._REGISTERED.discard(name)
+            timm_support.default_cfgs.pop(name, None)
+            delattr(timm_support, name)
+
+
+# ---------------------------------------------------------------------- timm: features_only with a feature_cfg
+def _features(name: str, full: ContinuousNet, **kwargs) -> torch.nn.Module:
+    """``timm.create_model(name, features_only=True, **kwargs)`` holding the weights of ``full``."""
+    wrapper = timm.create_model(name, features_only=True, **kwargs)
+    if isinstance(wrapper, FeatureGetterNet):
+        kept = wrapper.model.state_dict()
+        wrapper.model.load_state_dict({key: value for key, value in full.state_dict().items() if key in kept})
+    else:  # the graph shares the traced model's tensors, so copy in place
+        own = dict(wrapper.graph_module.named_parameters()) | dict(wrapper.graph_module.named_buffers())
+        with torch.no_grad():
+            for key, value in full.state_dict().items():
+                if key in own:
+                    own[key].copy_(value)
+    return wrapper.eval()
+
+
+@pytest.mark.parametrize(("kwargs", "kind", "taken"), [
+    ({"feature_cfg": {"feature_cls": "getter"}}, FeatureGetterNet, [0, 1, 2]),
+    ({"feature_cfg": {"out_indices": (0, 2)}}, FeatureGetterNet, [0, 2]),
+    ({"feature_cfg": {"out_indices": (0, 2)}, "out_indices": [-1]}, FeatureGetterNet, [2]),  # the argument wins
+    ({"feature_cfg": {"feature_cls": "fx"}}, FeatureGraphNet, [0, 1, 2]),
+    ({"feature_cfg": {"feature_cls": "FX", "out_indices": 2}}, FeatureGraphNet, [1, 2]),
+    ({"feature_cfg": {"feature_cls": "fx"}, "feature_cls": "getter", "out_indices": (1,)}, FeatureGetterNet, [1]),
+])
+def test_features_only_merges_the_callers_feature_cfg(kwargs: dict, kind: type, taken: list, randomize) -> None:
+    full = randomize(timm.create_model("cnet_digits", n_steps=2)).eval()
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        maps = stage_maps(full, x)
+        wrapper = _features("cnet_digits", full, n_steps=2, **kwargs)
+        got = wrapper(x)
+    assert type(wrapper) is kind
+    assert wrapper.feature_info.channels() == [full.feature_info[i]["num_chs"] for i in taken]
+    assert len(got) == len(taken) and all(torch.equal(g, maps[i]) for g, i in zip(got, taken))
+
+
+def test_an_unsupported_feature_class_is_refused_from_either_place() -> None:
+    for kwargs in ({"feature_cfg": {"feature_cls": "hook"}}, {"feature_cls": "hook"}):
+        with pytest.raises(ValueError, match=r"^feature_cls='hook': cnet_digits's feature maps .* expected "
+                                             r"feature_cls='getter', 'fx' or none$"):
+            timm.create_model("cnet_digits", features_only=True, **kwargs)
+    with pytest.raises(ValueError, match=r"^feature_cfg=\['fx'\] is not valid: expected a dict"):
+        timm.create_model("cnet_digits", features_only=True, feature_cfg=["fx"])
