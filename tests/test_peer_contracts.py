@@ -5,10 +5,12 @@ one kind in a Trainer."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
-from lightning_cnet import get_model, register_model
+from lightning_cnet import ODEBlock, get_model, register_model
 from lightning_cnet import timm_support
 from lightning_cnet.models import MODELS, ContinuousNet
 
@@ -26,6 +28,12 @@ def stage_maps(model: ContinuousNet, x: torch.Tensor) -> list[torch.Tensor]:
         x = stage(x if index == 0 else model.stitches[index - 1](x))
         maps.append(x)
     return maps
+
+
+def scripted(module: torch.nn.Module) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch 2.14 marks torch.jit as deprecated
+        return torch.jit.script(module)
 
 
 # ---------------------------------------------------------------------- timm: the default configuration
@@ -123,3 +131,76 @@ def test_an_unsupported_feature_class_is_refused_from_either_place() -> None:
             timm.create_model("cnet_digits", features_only=True, **kwargs)
     with pytest.raises(ValueError, match=r"^feature_cfg=\['fx'\] is not valid: expected a dict"):
         timm.create_model("cnet_digits", features_only=True, feature_cfg=["fx"])
+
+
+def test_the_graph_feature_extractor_scripts(randomize) -> None:
+    full = randomize(timm.create_model("cnet_digits", scheme="rk4", n_steps=2)).eval()
+    x = torch.randn(3, 1, 16, 16)
+    wrapper = _features("cnet_digits", full, scheme="rk4", n_steps=2, feature_cfg={"feature_cls": "fx"})
+    with torch.no_grad():
+        got = scripted(wrapper)(x)
+        expected = stage_maps(full, x)
+    assert len(got) == 3 and all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
+# ---------------------------------------------------------------------- TorchScript
+def _gradients(model: torch.nn.Module, x: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    for param in params:
+        param.grad = None
+    model(x).square().sum().backward()
+    return [param.grad.clone() for param in params]
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_torch_jit_script_gives_the_eager_outputs_and_gradients(recompute: bool, randomize) -> None:
+    model = randomize(get_model("cnet_digits", scheme="rk4", n_steps=2))
+    model.set_grad_checkpointing(recompute)
+    script = scripted(model)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        model.eval()
+        script.eval()
+        torch.testing.assert_close(script(x), model(x), rtol=0, atol=0)
+    model.train()
+    script.train()
+    params = list(model.parameters())
+    torch.testing.assert_close(_gradients(script, x, params), _gradients(model, x, params), rtol=1e-6, atol=1e-7)
+    assert script.original_name == "ContinuousNet"
+
+
+def test_a_script_keeps_the_manifestation_it_was_compiled_at(randomize) -> None:
+    model = randomize(get_model("cnet_digits", scheme="rk4", n_steps=2)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    script = scripted(model)
+    with torch.no_grad():
+        at_rk4 = model(x)
+        with model.manifestation(scheme="euler", n_steps=1):
+            assert not torch.allclose(model(x), at_rk4)
+            torch.testing.assert_close(script(x), at_rk4, rtol=0, atol=0)
+
+
+def test_a_vector_ode_block_scripts(randomize) -> None:
+    block = randomize(ODEBlock(3, unit="mlp", unit_kwargs={"hidden": 8}, n_steps=3, scheme="rk3", T=1.0,
+                               skip_init=False)).eval()
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(block)(x), block(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("root", ["model", "block"])
+def test_an_fx_trace_scripts(root: str, randomize) -> None:
+    model = randomize(get_model("cnet_digits", scheme="midpoint", n_steps=2)).eval()
+    module, x = (model, torch.randn(2, 1, 8, 8)) if root == "model" else (model.stages[1], torch.randn(2, 16, 4, 4))
+    traced = torch.fx.symbolic_trace(module)
+    assert "_torch_Tensor_" not in traced.code  # the annotations are types, not strings
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(traced)(x), module(x), rtol=0, atol=0)
+
+
+def test_scripting_helpers_docstring_examples() -> None:
+    import doctest
+
+    from lightning_cnet import _scripting
+
+    result = doctest.testmod(_scripting, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
