@@ -12,6 +12,7 @@ import torch
 
 from lightning_cnet import ODEBlock, get_model, register_model
 from lightning_cnet import timm_support
+from lightning_cnet.analysis.export import export_onnx, export_program
 from lightning_cnet.models import MODELS, ContinuousNet
 
 timm = pytest.importorskip("timm")
@@ -195,6 +196,35 @@ def test_an_fx_trace_scripts(root: str, randomize) -> None:
     assert "_torch_Tensor_" not in traced.code  # the annotations are types, not strings
     with torch.no_grad():
         torch.testing.assert_close(scripted(traced)(x), module(x), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------- torch.export and ONNX
+@pytest.mark.parametrize("example_batch", [4, 1])
+def test_the_exported_program_runs_any_batch_size(tmp_path, example_batch: int, randomize) -> None:
+    model = randomize(get_model("cnet_digits", scheme="rk4", n_steps=2)).eval()
+    path = export_program(model, torch.randn(example_batch, 1, 8, 8), tmp_path / "model.pt2")
+    program = torch.export.load(path).module()
+    with torch.no_grad():
+        for batch in (1, 7):
+            x = torch.randn(batch, 1, 8, 8)
+            torch.testing.assert_close(program(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_the_onnx_graph_has_a_dynamic_batch_dimension(tmp_path, randomize) -> None:
+    onnx = pytest.importorskip("onnx")
+    from onnx.reference import ReferenceEvaluator
+
+    model = randomize(get_model("cnet_digits", scheme="rk4", n_steps=2)).eval()
+    path = export_onnx(model, torch.randn(4, 1, 8, 8), tmp_path / "model.onnx")
+    graph = onnx.load(str(path)).graph
+    for value in (graph.input[0], graph.output[0]):
+        assert value.type.tensor_type.shape.dim[0].dim_param == "batch"
+    evaluator = ReferenceEvaluator(str(path))
+    with torch.no_grad():
+        for batch in (1, 7):
+            x = torch.randn(batch, 1, 8, 8)
+            output = torch.from_numpy(evaluator.run(None, {"images": x.numpy()})[0])
+            torch.testing.assert_close(output, model(x), rtol=1e-5, atol=1e-6)
 
 
 def test_scripting_helpers_docstring_examples() -> None:
