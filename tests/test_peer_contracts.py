@@ -1,18 +1,23 @@
 """What the libraries a ContinuousNet plugs into expect of a model or a callback, stated in our own words: timm's
 model contract (the default configuration, ``features_only`` with a ``feature_cfg``), TorchScript directly and
 through ``torch.fx``, ``torch.export`` and ONNX at any batch size, and Lightning's contract for several callbacks of
-one kind in a Trainer."""
+one kind in a Trainer (state keys, and checkpoints of 0.2.0 that keyed every instance by its class name)."""
 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from refinement_support import TinyDigits, make_task, n_steps, trainer_options
 
 from lightning_cnet import ODEBlock, get_model, register_model
 from lightning_cnet import timm_support
 from lightning_cnet.analysis.export import export_onnx, export_program
+from lightning_cnet.callbacks import DepthRefinementCallback, ManifestationMonitor, NonFiniteGuard
 from lightning_cnet.models import MODELS, ContinuousNet
 
 timm = pytest.importorskip("timm")
@@ -227,10 +232,135 @@ def test_the_onnx_graph_has_a_dynamic_batch_dimension(tmp_path, randomize) -> No
             torch.testing.assert_close(output, model(x), rtol=1e-5, atol=1e-6)
 
 
-def test_scripting_helpers_docstring_examples() -> None:
+# ---------------------------------------------------------------------- Lightning: several callbacks of one kind
+def _fit(task, callbacks: list, ckpt_path=None, datamodule=None, **options) -> pl.Trainer:
+    trainer = pl.Trainer(**trainer_options(callbacks=callbacks, **options))
+    trainer.fit(task, datamodule=datamodule or TinyDigits(), ckpt_path=ckpt_path)
+    return trainer
+
+
+class PoisonWeight(pl.Callback):
+    """Write a NaN into the first kernel at the start of the batches of the given global steps."""
+
+    def __init__(self, steps: set[int]) -> None:
+        self.steps = steps
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step in self.steps:
+            with torch.no_grad():
+                pl_module.model.stages[0].unit.conv1.weight[0].view(-1)[0] = float("nan")
+
+
+def test_state_keys_name_what_tells_two_instances_apart() -> None:
+    def every_third_epoch(epoch: int) -> bool:
+        return epoch % 3 == 2
+
+    assert DepthRefinementCallback([2, 4]).state_key == "DepthRefinementCallback{'refine_at': [2, 4]}"
+    assert DepthRefinementCallback(0.5, max_n_steps=8, noise_std=0.1).state_key == (
+        "DepthRefinementCallback{'refine_at': 0.5, 'max_n_steps': 8}")
+    assert DepthRefinementCallback(every_third_epoch).state_key == (
+        "DepthRefinementCallback{'refine_at': 'test_peer_contracts.test_state_keys_name_what_tells_two_instances_apart"
+        ".<locals>.every_third_epoch'}")
+    assert NonFiniteGuard(verbose=False).state_key == "NonFiniteGuard"  # the key every guard had in 0.2.0
+    assert NonFiniteGuard("rollback", lr_factor=0.25).state_key == (
+        "NonFiniteGuard{'on_nonfinite': 'rollback', 'lr_factor': 0.25}")
+    assert ManifestationMonitor().state_key == "ManifestationMonitor"
+    assert ManifestationMonitor(prefix="sweep").state_key == "ManifestationMonitor{'prefix': 'sweep'}"
+    lightning = pytest.importorskip("lightning_cnet.lightning")
+    assert lightning.NonFiniteGuard(check_every_n_steps=5).state_key == NonFiniteGuard(check_every_n_steps=5).state_key
+
+
+def test_a_second_refinement_callback_is_refused_at_setup() -> None:
+    task = make_task()
+    callbacks = [DepthRefinementCallback([1]), DepthRefinementCallback([2], noise_std=0.1)]
+    with pytest.raises(MisconfigurationException, match=(
+            r"^DepthRefinementCallback: the Trainer has 2 refinement callbacks \(DepthRefinementCallback\{'refine_at': "
+            r"\[1\]\}, DepthRefinementCallback\{'refine_at': \[2\]\}\); each refines every ContinuousNet and ODEBlock "
+            r"of the LightningModule, so they would refine the same modules: keep one, with the combined schedule$")):
+        _fit(task, callbacks)
+    assert n_steps(task) == [1, 1, 1]
+    with pytest.raises(RuntimeError, match="more than one stateful callback of type `DepthRefinementCallback`"):
+        pl.Trainer(callbacks=[DepthRefinementCallback([1]), DepthRefinementCallback([1])])  # identical: Lightning's
+
+
+def test_a_second_guard_is_refused_at_setup() -> None:
+    # a stop guard would stop on the NaN loss of the batch the rollback guard skips
+    callbacks = [NonFiniteGuard("rollback", verbose=False), NonFiniteGuard(check_every_n_steps=2)]
+    with pytest.raises(MisconfigurationException, match=(
+            r"^NonFiniteGuard: the Trainer has 2 guards \(NonFiniteGuard\{'on_nonfinite': 'rollback'\}, "
+            r"NonFiniteGuard\{'check_every_n_steps': 2\}\); each watches the same loss and tensors, .*: keep one$")):
+        _fit(make_task(), callbacks)
+    with pytest.raises(RuntimeError, match="more than one stateful callback of type `NonFiniteGuard`"):
+        pl.Trainer(callbacks=[NonFiniteGuard(), NonFiniteGuard(verbose=False)])  # the same key: Lightning's refusal
+
+
+@pytest.mark.parametrize("lr_factor", [0.5, 0.25])
+def test_a_guard_resumes_with_the_rollbacks_saved_under_its_key_or_an_earlier_one(tmp_path, lr_factor: float) -> None:
+    guard = NonFiniteGuard("rollback", verbose=False)
+    trainer = _fit(make_task(), [PoisonWeight({2}), guard], max_epochs=1)
+    assert [entry["restored_step"] for entry in guard.rollbacks] == [2]
+    trainer.save_checkpoint(tmp_path / "rolled_back.ckpt")
+    saved = torch.load(tmp_path / "rolled_back.ckpt", weights_only=True)["callbacks"]
+    assert saved["NonFiniteGuard{'on_nonfinite': 'rollback'}"] == {"rollbacks": guard.rollbacks}
+
+    resumed = NonFiniteGuard("rollback", lr_factor=lr_factor, verbose=False)
+    _fit(make_task(), [resumed], ckpt_path=tmp_path / "rolled_back.ckpt", max_epochs=2)
+    assert resumed.rollbacks == guard.rollbacks  # max_rollbacks counts from there
+
+
+def test_two_monitors_need_two_prefixes_and_then_write_apart() -> None:
+    def monitors(second_prefix: str) -> list:
+        return [ManifestationMonitor(schemes=["euler"], n_steps=[1], num_batches=1),
+                ManifestationMonitor(schemes=["euler", "rk4"], n_steps=[1, 2], num_batches=1, prefix=second_prefix)]
+
+    with pytest.raises(MisconfigurationException, match=(
+            r"^ManifestationMonitor\(prefix='manifestation'\): the Trainer has 2 manifestation monitors logging "
+            r"'manifestation/\.\.\.', which would write the same metrics; give each its own prefix")):
+        _fit(make_task(), monitors("manifestation"), max_epochs=1, limit_train_batches=1)
+    task = make_task()
+    _, sweep = callbacks = monitors("sweep")
+    trainer = _fit(task, callbacks, max_epochs=1, limit_train_batches=2)
+    metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    accuracies = [metrics[f"sweep/acc_{scheme}_{n}"] for scheme in ("euler", "rk4") for n in (1, 2)]
+    assert metrics["manifestation/invariance_gap"] == 0.0  # one manifestation: its own gap, not averaged with sweep's
+    assert metrics["sweep/invariance_gap"] == pytest.approx(max(accuracies) - min(accuracies))
+    assert metrics["manifestation/acc_euler_1"] == metrics["sweep/acc_euler_1"]
+    assert {key.split("/")[0] for key in metrics if "/" in key} >= {"manifestation", "sweep"}
+    assert sweep.prefix == "sweep"
+
+
+# ---------------------------------------------------------------------- checkpoints written by lightning-cnet 0.2.0
+V0_2_0 = Path(__file__).resolve().parent / "fixtures" / "v0_2_0_digits.ckpt"
+
+
+@pytest.mark.parametrize("settings", ["as written", "changed"])
+def test_a_0_2_0_checkpoint_resumes_with_its_callback_states(tmp_path, settings: str) -> None:
+    from lightning_cnet.data import DigitsDataModule
+    from lightning_cnet.module import ContinuousNetClassifier
+
+    written = torch.load(V0_2_0, weights_only=True)["callbacks"]
+    assert {"DepthRefinementCallback", "NonFiniteGuard"} <= written.keys()  # the keys 0.2.0 used for every instance
+    if settings == "as written":
+        refinement, guard = DepthRefinementCallback([1], eval_batches=1), NonFiniteGuard()
+    else:
+        refinement = DepthRefinementCallback([1], max_n_steps=2, eval_batches=1)
+        guard = NonFiniteGuard(check_every_n_steps=2)
+    task = ContinuousNetClassifier("cnet_digits", scheme="midpoint", n_steps=1, T=2.0, lr=0.1)
+    trainer = _fit(task, [refinement, guard], ckpt_path=V0_2_0, max_epochs=3, limit_train_batches=3,
+                   limit_val_batches=1, datamodule=DigitsDataModule(image_size=8, batch_size=32, seed=0))
+    assert refinement.history == written["DepthRefinementCallback"]["history"]  # restored, and no second refinement
+    assert refinement.base_n_steps == [(1, 1, 1)] and n_steps(task) == [2, 2, 2]
+    assert guard.rollbacks == []
+    trainer.save_checkpoint(tmp_path / "resumed.ckpt")
+    saved = torch.load(tmp_path / "resumed.ckpt", weights_only=True)["callbacks"]
+    assert saved[refinement.state_key]["history"] == refinement.history and guard.state_key in saved
+
+
+# ---------------------------------------------------------------------- docstring examples
+@pytest.mark.parametrize("module_name", ["lightning_cnet._scripting", "lightning_cnet.callbacks._instances"])
+def test_docstring_examples(module_name: str) -> None:
     import doctest
+    import importlib
 
-    from lightning_cnet import _scripting
-
-    result = doctest.testmod(_scripting, optionflags=doctest.ELLIPSIS)
+    result = doctest.testmod(importlib.import_module(module_name), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
