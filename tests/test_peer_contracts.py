@@ -14,8 +14,7 @@ import torch
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from refinement_support import TinyDigits, make_task, n_steps, trainer_options
 
-from lightning_cnet import ODEBlock, get_model, register_model
-from lightning_cnet import timm_support
+from lightning_cnet import ODEBlock, get_model, register_model, timm_support
 from lightning_cnet.analysis.export import export_onnx, export_program
 from lightning_cnet.callbacks import DepthRefinementCallback, ManifestationMonitor, NonFiniteGuard
 from lightning_cnet.models import MODELS, ContinuousNet
