@@ -66,6 +66,9 @@ class ClassificationTask:
 
     #: The Lightning namespace of the concrete class.
     lightning: ClassVar[Namespace]
+    #: The validation metric that the callbacks measure and the CLI's checkpoint keeps the best of, and its direction.
+    monitor: ClassVar[str] = "val_acc"
+    mode: ClassVar[str] = "max"
 
     def __init__(
         self,
