@@ -33,7 +33,8 @@ class ManifestationMonitorMixin:
     the gap small; a model whose gap stays small while its stages-off value is as good says nothing (see
     ``lightning-cnet-analyze manifestation``). What the sweep cost is logged as ``manifestation/seconds``. Where
     nothing can be measured one line says so once and nothing is logged. The epoch's own validation metrics are not
-    touched. Works under DDP (values are reduced over ranks) and every precision. ``lightning_cnet.callbacks.ManifestationMonitor`` (``pytorch_lightning``) and
+    touched. Works under DDP (values are reduced over ranks) and every precision.
+    ``lightning_cnet.callbacks.ManifestationMonitor`` (``pytorch_lightning``) and
     ``lightning_cnet.lightning.ManifestationMonitor`` (``lightning.pytorch``) are this logic made concrete.
 
     Args:
@@ -42,7 +43,8 @@ class ManifestationMonitorMixin:
         n_steps: step counts per stage; ``None``: half, once and twice the model's current largest step count
             (which grows with refinement).
         num_batches: validation batches per rank.
-        monitor: the logged quantity to measure (default: as :class:`~lightning_cnet.callbacks.DepthRefinementCallback`).
+        monitor: the logged quantity to measure (default: chosen as by
+            :class:`~lightning_cnet.callbacks.DepthRefinementCallback`).
         metric: measure with ``metric(trainer, pl_module)`` instead of ``validation_step`` (a number or
             ``{name: number}``).
 

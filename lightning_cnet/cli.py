@@ -428,8 +428,22 @@ def _accepted_options(key: str, message: str) -> list[str]:
         cls = getattr(import_module(module), name)
     except (ImportError, AttributeError, ValueError):
         return []
-    names = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs", "backbone")]
+    names = [p for p in _init_parameters(cls) if p not in ("self", "args", "kwargs", "backbone")]
     return [p for p in names if not (key == "model" and p in LINKED_FROM_DATA)]
+
+
+def _init_parameters(cls: type) -> list[str]:
+    """Names of the ``__init__`` parameters of ``cls``, following ``**kwargs`` into the base classes' ``__init__`` (as
+    jsonargparse does for ``super().__init__(**kwargs)``)."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(klass.__init__).parameters
+        names += [name for name, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            break
+    return list(dict.fromkeys(names))
 
 
 def _suggest_option(text: str, parser: Any) -> str:

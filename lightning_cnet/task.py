@@ -43,7 +43,8 @@ def _call_backbone(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x)
 
 
-def build_backbone(model: str, model_kwargs: Mapping[str, Any] | None = None, **data_shape: int | None) -> ContinuousNet:
+def build_backbone(model: str, model_kwargs: Mapping[str, Any] | None = None,
+                   **data_shape: int | None) -> ContinuousNet:
     """The registered model ``model`` built with ``model_kwargs`` and the data's shape (``None`` values are left out).
 
     Raises:
@@ -58,7 +59,8 @@ def build_backbone(model: str, model_kwargs: Mapping[str, Any] | None = None, **
         if value is None:
             continue
         if name in kwargs and kwargs[name] != value:
-            raise ValueError(f"model_kwargs has {name}={kwargs[name]!r} but the task has {name}={value!r}; give it once")
+            raise ValueError(f"model_kwargs has {name}={kwargs[name]!r} but the task has {name}={value!r}; give it "
+                             "once")
         kwargs[name] = value
     try:
         return get_model(model, **kwargs)
@@ -72,7 +74,7 @@ def build_backbone(model: str, model_kwargs: Mapping[str, Any] | None = None, **
 
 
 def _accepted_kwargs(model: str) -> list[str]:
-    """Keyword arguments the builder of ``model`` takes (those of :class:`ContinuousNet` when it passes ``**kwargs``)."""
+    """Keyword arguments the builder of ``model`` takes (:class:`ContinuousNet`'s when it passes ``**kwargs`` on)."""
     parameters = inspect.signature(MODELS.get(model)).parameters
     names = [name for name, p in parameters.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):

@@ -223,7 +223,7 @@ def test_measuring_leaves_the_modules_own_metric_states_alone():
     assert "manifestation/val_loss_rk4_2" in trainer.callback_metrics
 
 
-# ---------------------------------------------------------------------- torchvision's FasterRCNN with a ContinuousNet body
+# ---------------------------------------------------------------------- FasterRCNN with a ContinuousNet body
 class ContinuousNetFPN(nn.Module):
     """A detection backbone: the ODE stages' feature maps (``forward_intermediates``) into a feature pyramid."""
 

@@ -13,9 +13,9 @@ The data are those a checkpoint was trained on: the ``data`` section of the ``co
 saved in the run directory (or ``--config``), and so is the class of the module (``model.class_path``; default the
 classifier). A classifier is measured by accuracy and cross-entropy; any other module (the segmenter, a user's own)
 by what its ``validation_step`` logs, with the studied ContinuousNet in the place of its own. As with LightningCLI,
-only ``LightningDataModule`` and ``LightningModule`` subclasses are built from it, but importing the module its ``class_path`` names runs that module's code: a config file is as
-trusted as code. Bad input ends with one line ``lightning-cnet-analyze: error: ...``, exit status 2, and nothing
-written.
+only ``LightningDataModule`` and ``LightningModule`` subclasses are built from it, but importing the module its
+``class_path`` names runs that module's code: a config file is as trusted as code. Bad input ends with one line
+``lightning-cnet-analyze: error: ...``, exit status 2, and nothing written.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def backbone(task: Any) -> Any:
 
 
 def model_class(config_path: Path | None) -> type | None:
-    """The ``LightningModule`` subclass named by ``model.class_path`` in a LightningCLI config (``None``: none named)."""
+    """The ``LightningModule`` subclass that ``model.class_path`` names in a LightningCLI config (``None``: none)."""
     if config_path is None:
         return None
     try:

@@ -85,8 +85,8 @@ class SegmentationDataset(Dataset):
 class DigitCanvasDataMixin(SplitDataMixin):
     """Semantic segmentation of handwritten digits placed on a canvas: 11 classes (background and the digits 0-9).
 
-    Each canvas holds ``digits_per_image`` of scikit-learn's 8x8 digits, scaled to ``digit_size`` (bilinear), each in its
-    own 16x16 cell at a random offset;
+    Each canvas holds ``digits_per_image`` of scikit-learn's 8x8 digits, scaled to ``digit_size`` (bilinear), each in
+    its own 16x16 cell at a random offset;
     the mask gives every pixel of a digit (intensity above ``threshold``) the class ``1 + digit`` and every other pixel
     the class 0. Nothing is downloaded. The canvases of a split are drawn once, from ``seed`` and the split, out of
     that split's digits (the digits' fixed stratified 1200 / 300 / 297 split), so no digit image is shared between
