@@ -5,8 +5,9 @@ A LightningModule already says what it measures: whatever its ``validation_step`
 runs that ``validation_step`` on a few batches and returns what it logged, reduced over the batches the way Lightning
 reduces an epoch (a mean weighted by the batch size, or the ``reduce_fx`` it was logged with; a torchmetrics
 ``Metric`` is computed over the batches), without side effects: the module runs in eval mode under ``no_grad``, the
-random number generators are restored, every torchmetrics ``Metric`` inside the module gets its state back, and
-nothing reaches Lightning's logger or loops. :func:`model_input` is the one hook for "the model input of this
+random number generators are restored, every torchmetrics ``Metric`` inside the module gets its state back, lists the
+module keeps (``self.validation_step_outputs``) are cut back to their length, and nothing reaches Lightning's logger
+or loops. :func:`model_input` is the one hook for "the model input of this
 batch", whatever the batch's structure (tensor, tuple, dict, dataclass).
 
 Nothing here imports Lightning: the callbacks (:mod:`lightning_cnet.callbacks.quick_eval`) add what a running
@@ -179,6 +180,20 @@ def metric_states_kept(module: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
+def lists_kept(module: nn.Module) -> Iterator[None]:
+    """Cut every list attribute of ``module`` back to its length after the block: what a ``validation_step`` appends
+    for its epoch's end (Lightning's ``self.validation_step_outputs.append(...)`` pattern) does not stay."""
+    lengths = {name: len(value) for name, value in vars(module).items() if type(value) is list}
+    try:
+        yield
+    finally:
+        for name, length in lengths.items():
+            value = vars(module).get(name)
+            if type(value) is list:
+                del value[length:]
+
+
+@contextmanager
 def logs_captured(module: nn.Module) -> Iterator[LoggedValues]:
     """Route ``module.log`` (and so ``log_dict``) to a :class:`LoggedValues` for the block."""
     recorder = LoggedValues(getattr(module, "log", None))
@@ -219,7 +234,7 @@ def measure_validation(
     """
     if not defines(module, "validation_step"):
         return {}
-    with evaluation_mode(module), metric_states_kept(module), logs_captured(module) as recorder:
+    with evaluation_mode(module), metric_states_kept(module), lists_kept(module), logs_captured(module) as recorder:
         for index, batch in enumerate(batches):
             if max_batches is not None and index >= max_batches:
                 break
@@ -252,6 +267,7 @@ __all__ = [
     "chosen_metric",
     "defines",
     "evaluation_mode",
+    "lists_kept",
     "logs_captured",
     "measure_validation",
     "metric_states_kept",

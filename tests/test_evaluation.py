@@ -72,10 +72,11 @@ class Classifier(nn.Module):
         super().__init__()
         self.net = nn.Linear(4, 3)
         self.accuracy = MulticlassAccuracy(3, average="micro")
-        self.seen = 0
+        self.validation_step_outputs: list[torch.Tensor] = []
 
     def validation_step(self, batch, batch_idx):
         logits = self.net(batch.image)
+        self.validation_step_outputs.append(logits)
         self.accuracy.update(logits, batch.label)
         self.log("val_acc", self.accuracy)
         self.log("val_loss", nn.functional.cross_entropy(logits, batch.label))
@@ -86,6 +87,7 @@ def test_measuring_a_validation_step_leaves_the_module_as_it_was():
     module = Classifier().train()
     batches = [Sample(torch.randn(5, 4), torch.randint(0, 3, (5,))) for _ in range(3)]
     module.accuracy.update(torch.eye(3)[[0]], torch.tensor([0]))  # one sample already counted this epoch
+    module.validation_step_outputs.append(torch.zeros(1, 3))  # and one output kept for the epoch's end
     before_state = {k: v.clone() for k, v in module.accuracy.metric_state.items()}
     rng = torch.get_rng_state()
     values = measure_validation(module, batches, max_batches=2)
@@ -95,6 +97,7 @@ def test_measuring_a_validation_step_leaves_the_module_as_it_was():
     assert values["val_loss"] == pytest.approx(nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)
     assert module.training and all(m.training for m in module.modules())
     assert torch.equal(torch.get_rng_state(), rng) and "log" not in vars(module)
+    assert len(module.validation_step_outputs) == 1
     for name, value in module.accuracy.metric_state.items():
         assert torch.equal(value, before_state[name])
     assert module.accuracy.compute().item() == 1.0  # still the one sample counted before
