@@ -2,7 +2,7 @@
 refinement.
 
 ``cnet_cifar`` (``--scheme``, ``--steps`` per stage) is trained eagerly and through
-:class:`~lightning_cnet.classification.CompiledBackbone` (the classifier's ``compile`` option) from the same weights.
+:class:`~lightning_cnet.task.CompiledBackbone` (the classifier's ``compile`` option) from the same weights.
 The script reports:
 
 - how TorchDynamo sees the backbone (graphs and graph breaks, from ``torch._dynamo.explain``);
@@ -40,7 +40,7 @@ from torch import nn
 
 import _bench
 from _resnet import randomise_
-from lightning_cnet.classification import CompiledBackbone, compile_options
+from lightning_cnet.task import CompiledBackbone, compile_options
 from lightning_cnet.models import get_model
 
 IMAGE_SHAPE, NUM_CLASSES = (3, 32, 32), 10

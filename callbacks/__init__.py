@@ -19,7 +19,7 @@ from lightning_cnet.callbacks.depth_refinement import DepthRefinementMixin, is_r
 from lightning_cnet.callbacks.manifestation_monitor import ManifestationMonitorMixin
 from lightning_cnet.callbacks.nonfinite_guard import NonFiniteError, NonFiniteGuardMixin
 from lightning_cnet.callbacks.optimizer_surgery import replace_parameters, stale_parameters
-from lightning_cnet.callbacks.quick_eval import validation_accuracy
+from lightning_cnet.callbacks.quick_eval import Measurement, ValidationMetric, validation_metrics
 from lightning_cnet.callbacks.schedule import RefinementSchedule
 
 #: Callbacks made concrete for ``pytorch_lightning``, imported on first access.
@@ -35,13 +35,15 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     *_PYTORCH_LIGHTNING_CALLBACKS,
     "DepthRefinementMixin",
+    "Measurement",
     "ManifestationMonitorMixin",
     "NonFiniteError",
     "NonFiniteGuardMixin",
     "RefinementSchedule",
+    "ValidationMetric",
     "is_refinable",
     "refinable_modules",
     "replace_parameters",
     "stale_parameters",
-    "validation_accuracy",
+    "validation_metrics",
 ]

@@ -6,7 +6,7 @@ serves ``pytorch_lightning`` (:class:`DepthRefinementCallback`, here) and ``ligh
 
 What a refinement does, at the start of a scheduled epoch and on every rank at the same point:
 
-1. (optional) measure validation accuracy;
+1. (optional) measure the module's own validation metric (:class:`~lightning_cnet.callbacks.quick_eval.ValidationMetric`);
 2. refine every :class:`~lightning_cnet.models.ContinuousNet` inside the LightningModule in place
    (``K -> 2K``, ``N -> 2N``, ``T`` fixed), with optional seeded multiplicative weight noise;
 3. refine the averaged copies kept by weight-averaging callbacks (EMA, SWA), without noise;
@@ -14,8 +14,7 @@ What a refinement does, at the start of a scheduled epoch and on every rank at t
    (the wrapper's constructor also broadcasts rank 0's weights, so the noise is identical on all ranks);
 5. patch every optimizer in place (:func:`~lightning_cnet.callbacks.optimizer_surgery.replace_parameters`):
    the LR scheduler, the gradient scaler and LightningCLI's parse-time optimizer keep working unchanged;
-6. (optional) measure validation accuracy again, then log one rank-zero line and the metrics
-   ``refinement/*``.
+6. (optional) measure that metric again, then log one rank-zero line and the metrics ``refinement/*``.
 
 Whether to refine is decided by comparing the model's current level (read from its ``n_steps``) with the
 level the schedule asks for at the current epoch, at the start of every epoch and at its first batch (Lightning
@@ -50,7 +49,8 @@ from lightning_cnet.callbacks.optimizer_surgery import (
 from lightning_cnet.layers import ParameterChange
 from lightning_cnet.ode_block import check_noise_std
 from lightning_cnet.recalibration import recalibrate_bn
-from lightning_cnet.callbacks.quick_eval import training_images, validation_accuracy
+from lightning_cnet.callbacks.quick_eval import Measurement, MetricFunction, ValidationMetric, training_inputs
+from lightning_cnet.evaluation import defines
 from lightning_cnet.callbacks.schedule import RefineAt, RefinementSchedule
 
 if TYPE_CHECKING:
@@ -145,17 +145,31 @@ class DepthRefinementMixin:
         noise_std: multiply the refined convolution weights by ``1 + noise_std * N(0, 1)`` (the paper:
             ``0.1``); drawn from a generator seeded by ``seed`` and the refinement level.
         seed: seed of the noise.
-        evaluate: measure validation accuracy just before and right after each refinement.
+        evaluate: measure the module's validation metric just before and right after each refinement: by default the
+            quantity its ``validation_step`` logs (see ``monitor``), on ``eval_batches`` validation batches, without
+            side effects on training or on what Lightning logs. Where nothing can be measured (no validation data, a
+            ``validation_step`` that logs nothing) one line says so once, and refinement goes on.
         eval_batches: validation batches per rank for that measurement (``None``: all).
+        monitor: the logged quantity to measure (e.g. ``"val_loss"``); default: the module's ``monitor`` attribute
+            (the classifier's is ``"val_acc"``), else the monitor of the Trainer's ``ModelCheckpoint``, whichever
+            ``validation_step`` logs, else the first quantity it logs.
+        metric: measure with ``metric(trainer, pl_module)`` instead of ``validation_step``: a number (named ``monitor``,
+            else after the function) or ``{name: number}``; it runs in eval mode under ``no_grad``.
         recalibrate_bn: right after each refinement (before the "after" measurement), re-estimate every BatchNorm
             statistic at the new step count from the first ``recalibration_batches`` training batches (the same on
             every rank), with :func:`~lightning_cnet.recalibrate_bn`.
         recalibration_batches: training batches for that re-estimation.
         verbose: print one rank-zero line per refinement.
 
+    What the callback needs from a LightningModule: a submodule it can refine (a ContinuousNet or an ``ODEBlock``,
+    anywhere inside, e.g. the body of a torchvision detector) and optimizers built in ``configure_optimizers``.
+    Measuring needs a ``validation_step`` that logs (or ``metric``); ``recalibrate_bn`` needs a ``forward`` that takes
+    the model input of a batch (:func:`~lightning_cnet.batches.model_input`). Batches may have any structure.
+
     Raises:
         ValueError: an invalid schedule or argument (at construction).
         MisconfigurationException: at ``setup``: an unsupported strategy, a model with nothing refinable,
+            ``recalibrate_bn`` with a module that has no ``forward``,
             pruning (Lightning's ``ModelPruning`` callback, or ``torch.nn.utils.prune`` hooks in the model),
             fractions without ``max_epochs``, a second refinement callback in the Trainer.
 
@@ -166,7 +180,9 @@ class DepthRefinementMixin:
 
     Logged metrics (per epoch): ``refinement/level`` and ``refinement/refined`` (1 at refinement epochs);
     at refinement epochs also ``refinement/epoch``, ``refinement/parameters``, ``refinement/n_steps``,
-    ``refinement/val_acc_before``, ``refinement/val_acc_after``, ``refinement/seconds``.
+    ``refinement/seconds`` and, named after the quantity measured, ``refinement/<name>_before`` and
+    ``refinement/<name>_after`` (``refinement/val_acc_before`` for the classifier, ``refinement/val_loss_before``
+    for a module whose measured quantity is ``val_loss``).
 
     Example:
         >>> import pytorch_lightning as pl
@@ -203,6 +219,8 @@ class DepthRefinementMixin:
         seed: int = 0,
         evaluate: bool = True,
         eval_batches: int | None = 10,
+        monitor: str | None = None,
+        metric: MetricFunction | None = None,
         recalibrate_bn: bool = False,
         recalibration_batches: int = 10,
         verbose: bool = True,
@@ -219,6 +237,7 @@ class DepthRefinementMixin:
         check_noise_std(noise_std)
         if eval_batches is not None and (not isinstance(eval_batches, int) or eval_batches < 1):
             raise ValueError(f"eval_batches={eval_batches!r} must be None or an integer >= 1")
+        self.measure = ValidationMetric(monitor, metric, eval_batches)
         if isinstance(recalibration_batches, bool) or not isinstance(recalibration_batches, int) or (
                 recalibration_batches < 1):
             raise ValueError(f"recalibration_batches={recalibration_batches!r} must be an integer >= 1")
@@ -228,11 +247,14 @@ class DepthRefinementMixin:
         self.seed = int(seed)
         self.evaluate = evaluate
         self.eval_batches = eval_batches
+        self.monitor = monitor
+        self.metric = metric
         self.recalibrate_bn = recalibrate_bn
         self.recalibration_batches = recalibration_batches
         self.verbose = verbose
         self.base_n_steps: list[tuple[int, ...]] | None = None
         self.history: list[dict[str, Any]] = []
+        self._said_unmeasured = False
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -270,6 +292,12 @@ class DepthRefinementMixin:
                 "`weight_orig * weight_mask`, which a refinement cannot carry to the new pieces; prune after the "
                 "last refinement (a separate fit), or make the pruning permanent with torch.nn.utils.prune.remove "
                 "before fit"
+            )
+        if self.recalibrate_bn and not defines(pl_module, "forward"):
+            raise self.lightning.MisconfigurationException(
+                f"{type(self).__name__}(recalibrate_bn=True) runs the module on the inputs of training batches, but "
+                f"{type(pl_module).__name__} defines no forward; define forward(self, x), or recalibrate the "
+                "backbone yourself with lightning_cnet.recalibrate_bn"
             )
         self.schedule.resolve(trainer.max_epochs, self.lightning.MisconfigurationException)
         if self.base_n_steps is None:
@@ -364,7 +392,7 @@ class DepthRefinementMixin:
 
     def _refine_once(self, trainer: Any, pl_module: Any, nets: list[nn.Module], epoch: int, level: int) -> None:
         _refuse_non_finite(pl_module, epoch)
-        acc_before = self._accuracy(trainer, pl_module)
+        measured_before = self._measured(trainer, pl_module)
         before = [_n_steps(net) for net in nets]
         params_before = sum(p.numel() for p in pl_module.parameters())
         start = time.perf_counter()
@@ -381,25 +409,37 @@ class DepthRefinementMixin:
         self._check_optimizers(trainer, pl_module, changes)
         if self.recalibrate_bn:
             with trainer.precision_plugin.forward_context():
-                recalibrate_bn(pl_module, training_images(trainer, self.recalibration_batches))
+                recalibrate_bn(pl_module, training_inputs(trainer, pl_module, self.recalibration_batches))
 
         seconds = time.perf_counter() - start
-        acc_after = self._accuracy(trainer, pl_module)
+        measured_after = self._measured(trainer, pl_module, measured_before.name)
         depths = [[r.T for r in net.stage_resolutions] for net in nets]
         entry = {
             "epoch": epoch, "level": level + 1,
             "n_steps_before": [list(n) for n in before], "n_steps_after": [list(_n_steps(n)) for n in nets],
             "T": depths, "step_size": [[r.T / r.n_steps for r in net.stage_resolutions] for net in nets],
             "parameters_before": params_before, "parameters_after": sum(p.numel() for p in pl_module.parameters()),
-            "val_acc_before": acc_before, "val_acc_after": acc_after, "seconds": seconds,
+            "seconds": seconds, "metric": measured_before.name,
         }
+        if measured_before.name is not None:
+            entry[f"{measured_before.name}_before"] = measured_before.value
+            entry[f"{measured_before.name}_after"] = measured_after.value
         self.history.append(entry)
         self._report(pl_module, entry)
 
-    def _accuracy(self, trainer: Any, pl_module: Any) -> float:
+    def _measured(self, trainer: Any, pl_module: Any, name: str | None = None) -> Measurement:
+        """The measurement before (``name=None``: choose what to measure) or after a refinement; the first time
+        nothing can be measured, one line says why."""
         if not self.evaluate:
-            return math.nan
-        return validation_accuracy(trainer, pl_module, self.eval_batches)
+            return Measurement(None, math.nan)
+        measurement = self.measure(trainer, pl_module, name)
+        if measurement.reason is not None and not self._said_unmeasured:
+            self._said_unmeasured = True
+            self.lightning.rank_zero_info(
+                f"{type(self).__name__}: refinements are not measured ({measurement.reason}); refining anyway (choose "
+                "what to measure with monitor= or metric=, or pass evaluate=False)"
+            )
+        return measurement
 
     @staticmethod
     def _rewrap_ddp(trainer: Any) -> None:
@@ -427,15 +467,17 @@ class DepthRefinementMixin:
         def steps(per_net: list[list[float]]) -> str:
             return ", ".join("-".join(f"{n:g}" for n in net) for net in per_net)
 
+        metric = entry["metric"]
+        measured = [f"{metric}_before", f"{metric}_after"] if metric is not None else []
         if self.verbose:
+            change = (f", {metric} {entry[measured[0]]:.4f} -> {entry[measured[1]]:.4f}" if measured else "")
             self.lightning.rank_zero_info(
                 f"Depth refinement at epoch {entry['epoch']}: n_steps {steps(entry['n_steps_before'])} -> "
                 f"{steps(entry['n_steps_after'])} (T {steps(entry['T'])}, step size T/N {steps(entry['step_size'])}), "
-                f"parameters {entry['parameters_before']:,} -> "
-                f"{entry['parameters_after']:,}, val_acc {entry['val_acc_before']:.4f} -> "
-                f"{entry['val_acc_after']:.4f} ({1000 * entry['seconds']:.1f} ms)"
+                f"parameters {entry['parameters_before']:,} -> {entry['parameters_after']:,}{change} "
+                f"({1000 * entry['seconds']:.1f} ms)"
             )
-        for key in ("epoch", "parameters_after", "val_acc_before", "val_acc_after", "seconds"):
+        for key in ("epoch", "parameters_after", *measured, "seconds"):
             if not math.isnan(entry[key]):
                 name = "parameters" if key == "parameters_after" else key
                 pl_module.log(f"refinement/{name}", float(entry[key]), on_step=False, on_epoch=True, sync_dist=True)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from lightning_cnet.callbacks._instances import others_of_kind, settings_state_key
 from lightning_cnet.callbacks.depth_refinement import refinable_modules
-from lightning_cnet.callbacks.quick_eval import validation_accuracy
+from lightning_cnet.callbacks.quick_eval import MetricFunction, ValidationMetric
 from lightning_cnet.integrators import get_scheme, validate_n_steps
 
 if TYPE_CHECKING:
@@ -23,15 +23,19 @@ if TYPE_CHECKING:
 
 
 class ManifestationMonitorMixin:
-    """Log the validation accuracy of other manifestations of the model as it trains.
+    """Log the module's validation metric at other manifestations of the model as it trains.
 
-    Every ``every_n_epochs`` epochs, after validation, the model is evaluated (eval mode, its BatchNorm statistics
-    as they are) on the first ``num_batches`` validation batches per rank with each scheme and step count, all
-    ODE stages alike, and the callback logs ``manifestation/acc_{scheme}_{n}`` for each and
-    ``manifestation/invariance_gap``, the largest minus the smallest of these accuracies. A meaningful integrator
-    keeps the gap small; a model whose gap stays small while its stages-off accuracy is as high says nothing (see
-    ``lightning-cnet-analyze manifestation``). What the sweep cost is logged as ``manifestation/seconds``. Works under DDP (the counts are summed over ranks) and every
-    precision. ``lightning_cnet.callbacks.ManifestationMonitor`` (``pytorch_lightning``) and
+    Every ``every_n_epochs`` epochs, after validation, the module's own validation metric (the quantity its
+    ``validation_step`` logs, chosen as by :class:`~lightning_cnet.callbacks.DepthRefinementCallback`; the
+    classifier's ``val_acc``) is measured (eval mode, BatchNorm statistics as they are) on the first ``num_batches``
+    validation batches per rank with each scheme and step count, all ODE stages alike, and the callback logs
+    ``{prefix}/<name>_{scheme}_{n}`` for each (``manifestation/val_acc_rk4_4``) and
+    ``{prefix}/invariance_gap``, the largest minus the smallest of these values. A meaningful integrator keeps
+    the gap small; a model whose gap stays small while its stages-off value is as good says nothing (see
+    ``lightning-cnet-analyze manifestation``). What the sweep cost is logged as ``manifestation/seconds``. Where
+    nothing can be measured one line says so once and nothing is logged. The epoch's own validation metrics are not
+    touched. Works under DDP (values are reduced over ranks) and every precision.
+    ``lightning_cnet.callbacks.ManifestationMonitor`` (``pytorch_lightning``) and
     ``lightning_cnet.lightning.ManifestationMonitor`` (``lightning.pytorch``) are this logic made concrete.
 
     Args:
@@ -40,9 +44,13 @@ class ManifestationMonitorMixin:
         n_steps: step counts per stage; ``None``: half, once and twice the model's current largest step count
             (which grows with refinement).
         num_batches: validation batches per rank.
-        prefix: the metrics are ``{prefix}/acc_{scheme}_{n}``, ``{prefix}/invariance_gap`` and ``{prefix}/seconds``;
-            two monitors in one Trainer need two prefixes (a second one with the same prefix is refused at
-            ``setup``, as it would write the same keys).
+        monitor: the logged quantity to measure (default: chosen as by
+            :class:`~lightning_cnet.callbacks.DepthRefinementCallback`).
+        metric: measure with ``metric(trainer, pl_module)`` instead of ``validation_step`` (a number or
+            ``{name: number}``).
+        prefix: the metrics are ``{prefix}/<name>_{scheme}_{n}``, ``{prefix}/invariance_gap`` and
+            ``{prefix}/seconds``; two monitors in one Trainer need two prefixes (a second one with the same prefix is
+            refused at ``setup``, as it would write the same keys).
 
     Example:
         >>> import pytorch_lightning as pl  # doctest: +SKIP
@@ -75,6 +83,8 @@ class ManifestationMonitorMixin:
         schemes: Sequence[str] = ("euler", "midpoint", "rk4"),
         n_steps: Sequence[int] | None = None,
         num_batches: int = 2,
+        monitor: str | None = None,
+        metric: MetricFunction | None = None,
         prefix: str = "manifestation",
     ) -> None:
         super().__init__()
@@ -91,7 +101,11 @@ class ManifestationMonitorMixin:
         self.schemes = tuple(schemes)
         self.n_steps = None if n_steps is None else tuple(n_steps)
         self.num_batches = num_batches
+        self.monitor = monitor
+        self.metric = metric
         self.prefix = prefix
+        self.measure = ValidationMetric(monitor, metric, num_batches)
+        self._said_unmeasured = False
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
@@ -102,15 +116,26 @@ class ManifestationMonitorMixin:
         start = time.perf_counter()
         largest = max(r.n_steps for net in nets for r in net.stage_resolutions)
         n_steps = self.n_steps or tuple(sorted({max(1, largest // 2), largest, 2 * largest}))
-        accuracies = {}
+        values: dict[str, float] = {}
+        name = None
         for scheme in self.schemes:
             for steps in n_steps:
                 with ExitStack() as stack:
                     for net in nets:
                         stack.enter_context(net.manifestation(scheme=scheme, n_steps=steps))
-                    accuracies[f"{self.prefix}/acc_{scheme}_{steps}"] = validation_accuracy(
-                        trainer, pl_module, self.num_batches)
-        accuracies[f"{self.prefix}/invariance_gap"] = max(accuracies.values()) - min(accuracies.values())
-        accuracies[f"{self.prefix}/seconds"] = time.perf_counter() - start
-        for name, value in accuracies.items():
-            pl_module.log(name, value, on_epoch=True, on_step=False)
+                    measurement = self.measure(trainer, pl_module, name)
+                if measurement.name is None:
+                    self._say_unmeasured(measurement.reason)
+                    return
+                name = measurement.name
+                values[f"{self.prefix}/{name}_{scheme}_{steps}"] = measurement.value
+        values[f"{self.prefix}/invariance_gap"] = max(values.values()) - min(values.values())
+        values[f"{self.prefix}/seconds"] = time.perf_counter() - start
+        for key, value in values.items():
+            pl_module.log(key, value, on_epoch=True, on_step=False)
+
+    def _say_unmeasured(self, reason: str | None) -> None:
+        if not self._said_unmeasured:
+            self._said_unmeasured = True
+            self.lightning.rank_zero_info(f"{type(self).__name__}: nothing is measured ({reason}); choose what to "
+                                          "measure with monitor= or metric=")

@@ -1,18 +1,20 @@
-"""The ``lightning-cnet`` command line: a LightningCLI for ContinuousNet classifiers.
+"""The ``lightning-cnet`` command line: a LightningCLI for LightningModules that hold a ContinuousNet.
 
 ``lightning-cnet {fit,validate,test,predict} [--config FILE.yaml] [--key value ...]``; with no config it trains
 :class:`~lightning_cnet.module.ContinuousNetClassifier` on :class:`~lightning_cnet.data.DigitsDataModule`.
-The model and the data are chosen by ``class_path`` (any subclass of the classifier, any ``LightningDataModule``),
-callbacks come from the YAML, the model's ``num_classes`` and ``in_chans`` are taken from the data, checkpoints of
-the last and the best epoch (by ``val_acc``) are kept, and the resolved config is saved as ``config.yaml`` in the
-run's log directory.
+The model and the data are chosen by ``class_path`` (any ``LightningModule``, e.g.
+:class:`~lightning_cnet.module.ContinuousNetSegmenter` or a user's own, and any ``LightningDataModule``), callbacks
+come from the YAML, a model's ``num_classes`` and ``in_chans`` (where it takes them) are taken from the data,
+checkpoints of the last and the best epoch are kept (the best by the model's ``monitor`` and ``mode`` class
+attributes: ``val_acc`` for the classifier, ``val_iou`` for the segmenter; ``checkpoint.monitor`` sets another), and
+the resolved config is saved as ``config.yaml`` in the run's log directory.
 
 Mistakes in the input (an unknown key or model, a ``num_classes`` that does not match the data, a checkpoint of
 another model, a missing dataset) end with one line ``lightning-cnet: error: ...`` on stderr, exit status 2, and
 no files left from the failed run.
 
-``lightning-cnet predict`` writes ``predictions.csv`` (sample index, predicted class, class probabilities) to the
-run's log directory and names it in its last log line; ``lightning-cnet --version`` prints the version;
+``lightning-cnet predict`` with a classifier writes ``predictions.csv`` (sample index, predicted class, class
+probabilities) to the run's log directory and names it in its last log line; ``lightning-cnet --version`` prints the version;
 ``--optimizer`` without ``--lr_scheduler`` warns, in one line, that the model's own optimizer and schedule are
 replaced by a constant learning rate.
 
@@ -48,8 +50,8 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from lightning_cnet import __version__
 from lightning_cnet.callbacks import refinable_modules
+from lightning_cnet.classification import ClassificationTask
 from lightning_cnet.data import DatasetNotFoundError
-from lightning_cnet.module import ContinuousNetClassifier
 
 PROG = "lightning-cnet"
 DEFAULT_MODEL = "lightning_cnet.module.ContinuousNetClassifier"
@@ -57,7 +59,7 @@ DEFAULT_DATA = "lightning_cnet.data.DigitsDataModule"
 #: Model arguments that are taken from the data module (``data.X`` is linked to ``model.init_args.X``).
 LINKED_FROM_DATA = ("num_classes", "in_chans")
 #: Model options compared with a loaded checkpoint (``n_steps`` only when given on the command line: a config's
-#: ``n_steps`` is where training starts, before refinement).
+#: ``n_steps`` is where training starts, before refinement); ``scheme`` and ``n_steps`` also inside ``model_kwargs``.
 MANIFESTATION_OPTIONS = ("model", "scheme", "n_steps")
 
 
@@ -158,7 +160,7 @@ class ContinuousNetCLI(LightningCLI):
         self._command_line_model_options = explicit_model_options(arguments, MANIFESTATION_OPTIONS, configs=False)
         self._requested_manifestation: dict[str, Any] = {}
         super().__init__(
-            ContinuousNetClassifier,
+            pl.LightningModule,
             pl.LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
@@ -178,11 +180,12 @@ class ContinuousNetCLI(LightningCLI):
         for name in LINKED_FROM_DATA:
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({
-            "checkpoint.monitor": "val_acc",
-            "checkpoint.mode": "max",
-            "checkpoint.filename": "best-{epoch}-{val_acc:.4f}",
-        })
+        parser.set_defaults({"checkpoint.mode": None})  # not given: the model's own (see checkpoint_defaults)
+
+    def before_instantiate_classes(self) -> None:
+        """Fill the checkpoint's monitor from the model class (see :func:`checkpoint_defaults`)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        checkpoint_defaults(config)
 
     def _parse_ckpt_path(self) -> None:
         """Check the ``--ckpt_path`` file and the explicit model options against it before LightningCLI reads its
@@ -238,7 +241,8 @@ class ContinuousNetCLI(LightningCLI):
             and not any(isinstance(cb, ProgressBar) for cb in configured)
         ):
             callbacks = [*callbacks, RichProgressBar()]
-        if self.subcommand == "predict" and not any(isinstance(cb, BasePredictionWriter) for cb in configured):
+        if (self.subcommand == "predict" and isinstance(self.model, ClassificationTask)
+                and not any(isinstance(cb, BasePredictionWriter) for cb in configured)):
             callbacks = [*callbacks, PredictionCSVWriter()]
         return super()._instantiate_trainer(config, callbacks)
 
@@ -250,6 +254,41 @@ class ContinuousNetCLI(LightningCLI):
             if is_user_error(err):
                 _remove_unfinished(new_directories)
             raise
+
+
+def checkpoint_defaults(config: Any) -> None:
+    """Give ``config.checkpoint`` (a parsed LightningCLI config) the model's monitor where the config names none.
+
+    Without ``checkpoint.monitor``, the monitor is the model class's ``monitor`` attribute (``val_acc`` for the
+    classifier, ``val_iou`` for the segmenter; a module without one keeps no best checkpoint apart from the last one).
+    Without ``checkpoint.mode``, the mode is the class's ``mode`` when it monitors the class's ``monitor``, else
+    ``"min"``. Without ``checkpoint.filename``, a monitored checkpoint is named ``best-{epoch}-{<monitor>:.4f}``.
+    """
+    checkpoint = config.get("checkpoint")
+    if checkpoint is None:
+        return
+    model_class = _model_class(config)
+    own_monitor = getattr(model_class, "monitor", None)
+    if checkpoint.get("monitor") is None and isinstance(own_monitor, str):
+        checkpoint["monitor"] = own_monitor
+    if checkpoint.get("mode") is None:
+        own = checkpoint.get("monitor") is not None and checkpoint.get("monitor") == own_monitor
+        checkpoint["mode"] = getattr(model_class, "mode", "min") if own else "min"
+    if checkpoint.get("monitor") is not None and checkpoint.get("filename") is None:
+        checkpoint["filename"] = f"best-{{epoch}}-{{{checkpoint['monitor']}:.4f}}"
+
+
+def _model_class(config: Any) -> type | None:
+    """The class that ``config.model.class_path`` names (``None`` if it cannot be imported)."""
+    model = config.get("model")
+    class_path = model.get("class_path") if model is not None and hasattr(model, "get") else None
+    if not isinstance(class_path, str) or "." not in class_path:
+        return None
+    module, name = class_path.rsplit(".", 1)
+    try:
+        return getattr(import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
 
 
 def _on_current_parameters(configure: Callable[[], Any]) -> Callable[[pl.LightningModule], Any]:
@@ -389,8 +428,22 @@ def _accepted_options(key: str, message: str) -> list[str]:
         cls = getattr(import_module(module), name)
     except (ImportError, AttributeError, ValueError):
         return []
-    names = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs", "backbone")]
+    names = [p for p in _init_parameters(cls) if p not in ("self", "args", "kwargs", "backbone")]
     return [p for p in names if not (key == "model" and p in LINKED_FROM_DATA)]
+
+
+def _init_parameters(cls: type) -> list[str]:
+    """Names of the ``__init__`` parameters of ``cls``, following ``**kwargs`` into the base classes' ``__init__`` (as
+    jsonargparse does for ``super().__init__(**kwargs)``)."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(klass.__init__).parameters
+        names += [name for name, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            break
+    return list(dict.fromkeys(names))
 
 
 def _suggest_option(text: str, parser: Any) -> str:
@@ -420,13 +473,33 @@ def explicit_model_options(args: Sequence[str], names: Sequence[str], *, configs
     """Model init arguments ``names`` given on the command line (and, with ``configs``, in ``--config`` files), the
     last one winning as in jsonargparse."""
     found: dict[str, Any] = {}
-    pattern = r"(?:\w+\.)?model\.(?:init_args\.)?(" + "|".join(names) + ")"
+    pattern = r"(?:\w+\.)?model\.(?:init_args\.)?(?:model_kwargs\.)?(" + "|".join(names) + ")"
+    whole = r"(?:\w+\.)?model\.(?:init_args\.)?model_kwargs"
     for key, value in _key_values(list(args)):
         if key == "config" or key.endswith(".config"):
             if configs:
                 found.update(_model_options_in_yaml(value, names))
         elif re.fullmatch(pattern, key):
             found[key.rsplit(".", 1)[1]] = _literal(value)
+        elif re.fullmatch(whole, key):
+            found.update(_options_in(_yaml_value(value), names))
+    return found
+
+
+def _yaml_value(value: str) -> Any:
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return None
+
+
+def _options_in(init_args: Any, names: Sequence[str]) -> dict[str, Any]:
+    """``names`` given in a model's init arguments, flat or inside ``model_kwargs`` (the flat form wins)."""
+    if not isinstance(init_args, dict):
+        return {}
+    nested = init_args.get("model_kwargs")
+    found = {name: nested[name] for name in names if isinstance(nested, dict) and name in nested}
+    found.update({name: init_args[name] for name in names if name in init_args})
     return found
 
 
@@ -450,8 +523,7 @@ def _model_options_in_yaml(path: str, names: Sequence[str]) -> dict[str, Any]:
     model = content.get("model") if isinstance(content, dict) else None
     if not isinstance(model, dict):
         return {}
-    init_args = model.get("init_args", model)
-    return {name: init_args[name] for name in names if isinstance(init_args, dict) and name in init_args}
+    return _options_in(model.get("init_args", model), names)
 
 
 # ---------------------------------------------------------------------- checkpoints given with --ckpt_path
@@ -471,14 +543,19 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise UsageError(f"{path}: not a Lightning checkpoint (it has no state_dict)")
     state = checkpoint["state_dict"]
+    first = next((match for match in map(_STAGE_KEY.fullmatch, state) if match is not None), None)
     stages = []
     index = 0
-    while f"model.stages.{index}.resolution.n_steps" in state:
-        prefix = f"model.stages.{index}.resolution."
+    while first is not None and f"{first.group(1)}stages.{index}.resolution.n_steps" in state:
+        prefix = f"{first.group(1)}stages.{index}.resolution."
         stages.append({"scheme": bytes(state[prefix + "scheme"].tolist()).decode("utf-8", "replace"),
                        "n_steps": int(state[prefix + "n_steps"].item())})
         index += 1
     return {"path": path, "hyper_parameters": checkpoint.get("hyper_parameters") or {}, "stages": stages}
+
+
+#: A stage's step count in a state dict: the ContinuousNet's prefix (``model.``, ``model.backbone.body.``) is group 1.
+_STAGE_KEY = re.compile(r"(.*?)stages\.0\.resolution\.n_steps")
 
 
 def requested_manifestation(

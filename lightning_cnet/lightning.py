@@ -22,9 +22,11 @@ from lightning_cnet.callbacks.depth_refinement import DepthRefinementMixin  # no
 from lightning_cnet.callbacks.manifestation_monitor import ManifestationMonitorMixin  # noqa: E402
 from lightning_cnet.callbacks.nonfinite_guard import NonFiniteError, NonFiniteGuardMixin  # noqa: E402
 from lightning_cnet.classification import ClassificationTask  # noqa: E402
+from lightning_cnet.segmentation import SegmentationTask  # noqa: E402
 from lightning_cnet.data._lightning import (  # noqa: E402
     CIFAR10DataModule,
     CIFAR100DataModule,
+    DigitCanvasDataModule,
     DigitsDataModule,
     HardDigitsDataModule,
     ImageFolderDataModule,
@@ -33,6 +35,11 @@ from lightning_cnet.data._lightning import (  # noqa: E402
 
 class ContinuousNetClassifier(ClassificationTask, L.LightningModule):
     __doc__ = ClassificationTask.__doc__
+    lightning = _LIGHTNING
+
+
+class ContinuousNetSegmenter(SegmentationTask, L.LightningModule):
+    __doc__ = SegmentationTask.__doc__
     lightning = _LIGHTNING
 
 
@@ -55,7 +62,9 @@ __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "ContinuousNetClassifier",
+    "ContinuousNetSegmenter",
     "DepthRefinementCallback",
+    "DigitCanvasDataModule",
     "DigitsDataModule",
     "HardDigitsDataModule",
     "ImageFolderDataModule",

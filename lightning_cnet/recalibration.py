@@ -22,7 +22,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from typing import Any
 
@@ -31,15 +31,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_cnet._transaction import restored_on_error
+from lightning_cnet.batches import model_input, to_device
 from lightning_cnet.layers import TimeBatchNorm2d
-
-
-def _images(batch: Any) -> torch.Tensor:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    raise ValueError(f"a batch must be a tensor or a (inputs, targets) tuple, got {type(batch).__name__}")
 
 
 @torch.no_grad()
@@ -49,6 +42,7 @@ def recalibrate_bn(
     *,
     num_batches: int | None = None,
     device: torch.device | str | None = None,
+    inputs: Callable[[Any], Any] | None = None,
 ) -> None:
     """Re-estimate every BatchNorm running statistic of ``model`` from ``batches`` at its current manifestation.
 
@@ -58,13 +52,15 @@ def recalibrate_bn(
 
     Args:
         model: the model; its manifestation (scheme, step counts) is the one the statistics are estimated for.
-        batches: unlabeled data: tensors, or ``(inputs, targets)`` tuples such as a DataLoader yields.
+        batches: batches as a DataLoader yields them; ``model(x)`` runs on the model input ``x`` of each, by default
+            the batch itself if it is a tensor, the first item of a tuple or list, or the ``"image"`` entry of a
+            dict or dataclass (see :func:`~lightning_cnet.batches.model_input`).
         num_batches: use at most this many batches (``None``: all).
-        device: move each batch there (default: the device of the model's first parameter).
+        device: move each input there (default: the device of the model's first parameter).
+        inputs: ``batch -> model input``, instead of the default rules.
 
     Raises:
-        ValueError: no batch was seen, a batch is neither a tensor nor a tuple starting with one, or
-            ``num_batches < 1``.
+        ValueError: no batch was seen, a batch in which the default rules find no input, or ``num_batches < 1``.
     """
     if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
                                     or num_batches < 1):
@@ -89,7 +85,7 @@ def recalibrate_bn(
             for batch in batches:
                 if num_batches is not None and seen >= num_batches:
                     break
-                model(_images(batch).to(device))
+                model(to_device(inputs(batch) if inputs is not None else model_input(batch), device))
                 seen += 1
             if seen == 0:
                 raise ValueError("recalibrate_bn got no batches to estimate the statistics from")

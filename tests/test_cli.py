@@ -14,7 +14,8 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_cnet.cli import main
+from lightning_cnet.cli import ContinuousNetCLI, main
+from lightning_cnet.metrics_reader import read_scalars
 from lightning_cnet.module import ContinuousNetClassifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,6 +105,9 @@ BAD_INPUTS = {
     "another_model": (["test", "--ckpt_path", "{other_ckpt}"], ["model.stem.weight", "cnet_cifar"]),
     "missing_dataset": (["fit", "--data", "lightning_cnet.data.CIFAR10DataModule", "--data.init_args.data_dir",
                          "{missing}"], ["{missing}"]),
+    "unknown_model_kwarg": (["fit", "--model.init_args.model_kwargs.n_stepz", "2"],
+                            ["model_kwargs has 'n_stepz'", "cnet_digits", "n_steps"]),
+    "not_a_module": (["fit", "--model", "torch.nn.Linear"], ["model", "subclass of LightningModule"]),
 }
 
 
@@ -200,6 +204,49 @@ def test_an_explicit_scheme_is_applied_when_testing_and_refused_when_resuming(tm
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "resuming fit cannot change the manifestation to scheme=rk4" in error[0]
+
+
+def test_model_kwargs_and_the_flat_form_configure_the_same_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    flat = ContinuousNetCLI(["--model.init_args.scheme", "rk4", "--model.init_args.T", "2.0"], run=False).model
+    nested = ContinuousNetCLI(["--model.init_args.model_kwargs", "{scheme: rk4, T: 2.0}"], run=False).model
+    assert flat.model.resolution == nested.model.resolution and nested.model.resolution[0].scheme == "rk4"
+    both = ContinuousNetCLI(["--model.init_args.model_kwargs.scheme", "euler", "--model.init_args.scheme", "rk4"],
+                            run=False)
+    assert both.model.model.resolution[0].scheme == "rk4"  # the flat form wins: old checkpoints' hyperparameters
+    assert (both.config.checkpoint.monitor, both.config.checkpoint.mode) == ("val_acc", "max")
+
+
+def test_an_explicit_scheme_in_model_kwargs_is_applied_when_testing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = _fit_tiny(tmp_path)
+    last = tmp_path / "lightning_logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    tested = run_cli("test", "--config", str(config), "--ckpt_path", str(last), "--model.init_args.model_kwargs.scheme",
+                     "midpoint", cwd=tmp_path)
+    assert tested.returncode == 0, tested.stderr[-2000:]
+    assert "evaluating at midpoint, 1-1-1 steps per stage as asked (the checkpoint was trained with euler, 1-1-1)" in \
+        tested.stderr + tested.stdout
+
+
+def test_any_lightning_module_holding_a_continuousnet(tmp_path, monkeypatch):
+    """A user's module and data (no num_classes, no monitor attribute) with the refinement callback from YAML."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    config = {"seed_everything": 0,
+              "trainer": {"max_epochs": 2, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
+                          "enable_model_summary": False, "logger": {"init_args": {"name": "user"}},
+                          "callbacks": [{"class_path": "lightning_cnet.callbacks.DepthRefinementCallback",
+                                         "init_args": {"refine_at": [1]}}]},
+              "model": {"class_path": "test_any_module.DenseRegression"},
+              "data": {"class_path": "test_any_module.SquaresData"}}
+    (tmp_path / "user.yaml").write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(tmp_path / "user.yaml")])
+    run = tmp_path / "lightning_logs" / "user" / "version_0"
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["state_dict"]["backbone.stages.0.resolution.n_steps"].item() == 2
+    assert not list((run / "checkpoints").glob("best-*"))  # nothing to monitor: the last checkpoint only
+    assert len(read_scalars(run, "refinement/val_loss_before")) == 1
+    main(["validate", "--config", str(tmp_path / "user.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
 
 
 def test_a_bad_step_count_is_named_as_such(tmp_path, monkeypatch, capsys):

@@ -320,10 +320,10 @@ def test_two_monitors_need_two_prefixes_and_then_write_apart() -> None:
     _, sweep = callbacks = monitors("sweep")
     trainer = _fit(task, callbacks, max_epochs=1, limit_train_batches=2)
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
-    accuracies = [metrics[f"sweep/acc_{scheme}_{n}"] for scheme in ("euler", "rk4") for n in (1, 2)]
+    accuracies = [metrics[f"sweep/val_acc_{scheme}_{n}"] for scheme in ("euler", "rk4") for n in (1, 2)]
     assert metrics["manifestation/invariance_gap"] == 0.0  # one manifestation: its own gap, not averaged with sweep's
     assert metrics["sweep/invariance_gap"] == pytest.approx(max(accuracies) - min(accuracies))
-    assert metrics["manifestation/acc_euler_1"] == metrics["sweep/acc_euler_1"]
+    assert metrics["manifestation/val_acc_euler_1"] == metrics["sweep/val_acc_euler_1"]
     assert {key.split("/")[0] for key in metrics if "/" in key} >= {"manifestation", "sweep"}
     assert sweep.prefix == "sweep"
 

@@ -123,7 +123,7 @@ def test_a_model_at_its_training_manifestation_changes_by_the_sampling_noise_onl
 def test_bad_input_leaves_the_model_as_it_was() -> None:
     model = _model("piecewise_constant", 2, 2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for bad, message in (([], "no batches"), ([torch.randn(2, 1, 6, 6), "text"], "must be a tensor"),
+    for bad, message in (([], "no batches"), ([torch.randn(2, 1, 6, 6), "text"], "model input of a batch of type str"),
                          ([torch.randn(2, 5, 6, 6)], r"expects images \[batch, 1, height, width\]")):
         with pytest.raises((ValueError, RuntimeError), match=message):
             recalibrate_bn(model, bad)

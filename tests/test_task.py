@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_cnet.cli import ContinuousNetCLI
 from lightning_cnet.data import DigitsDataModule
 from lightning_cnet.module import ContinuousNetClassifier
-from lightning_cnet.classification import check_checkpoint
+from lightning_cnet.task import check_checkpoint
 
 #: Parameters of the pre-activation ResNet with one block per stage and widths 8-16-32 on one input channel
 #: (the digits baseline, measured independently): the one-step, one-piece ContinuousNet has the same tensors
@@ -163,3 +163,31 @@ def test_cli_optimizer_and_lr_scheduler_override_the_module(tmp_path, monkeypatc
     config = plain.model.configure_optimizers()
     assert isinstance(config["optimizer"], torch.optim.AdamW) and config["optimizer"].defaults["lr"] == 0.002
     assert math.isclose(plain.model.hparams.lr, 0.002)
+
+
+def test_model_kwargs_and_the_flat_form_build_the_same_backbone(tmp_path):
+    torch.manual_seed(0)
+    nested = ContinuousNetClassifier("cnet_digits", model_kwargs={"scheme": "rk4", "n_steps": 2, "T": 2.0})
+    torch.manual_seed(0)
+    flat = ContinuousNetClassifier("cnet_digits", scheme="rk4", n_steps=2, T=2.0)
+    assert nested.model.resolution == flat.model.resolution
+    for ours, theirs in zip(nested.state_dict().values(), flat.state_dict().values()):
+        assert torch.equal(ours, theirs)
+    trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    trainer.fit(nested, datamodule=TinyDigits())
+    trainer.save_checkpoint(tmp_path / "nested.ckpt")
+    loaded = ContinuousNetClassifier.load_from_checkpoint(tmp_path / "nested.ckpt")
+    assert loaded.hparams.model_kwargs == {"scheme": "rk4", "n_steps": 2, "T": 2.0}
+    assert loaded.model.resolution == nested.model.resolution
+    with pytest.raises(ValueError, match=r"model_kwargs has 'stages', which cnet_digits does not take; .*n_steps"):
+        ContinuousNetClassifier("cnet_digits", model_kwargs={"stages": 3})
+    with pytest.raises(ValueError, match=r"model_kwargs has num_classes=3 but the task has num_classes=5"):
+        ContinuousNetClassifier("cnet_digits", num_classes=5, model_kwargs={"num_classes": 3})
+
+
+def test_a_batch_without_samples_is_one_clear_error():
+    task = ContinuousNetClassifier("cnet_digits")
+    empty = (torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))
+    for step, split in ((task.training_step, "train"), (task.validation_step, "val"), (task.test_step, "test")):
+        with pytest.raises(ValueError, match=rf"^{split} batch 3 has no samples \(images of shape \[0, 1, 8, 8\]\); "):
+            step(empty, 3)

@@ -10,10 +10,12 @@
     lightning-cnet-analyze curve --metrics RUN --out RUN/analysis/val_acc.png
 
 The data are those a checkpoint was trained on: the ``data`` section of the ``config.yaml`` that ``lightning-cnet``
-saved in the run directory (or ``--config``). As with LightningCLI, only a ``LightningDataModule`` subclass is
-built from it, but importing the module its ``class_path`` names runs that module's code: a config file is as
-trusted as code. Bad input ends with one line ``lightning-cnet-analyze: error: ...``, exit status 2, and nothing
-written.
+saved in the run directory (or ``--config``), and so is the class of the module (``model.class_path``; default the
+classifier). A classifier is measured by accuracy and cross-entropy; any other module (the segmenter, a user's own)
+by what its ``validation_step`` logs, with the studied ContinuousNet in the place of its own. As with LightningCLI,
+only ``LightningDataModule`` and ``LightningModule`` subclasses are built from it, but importing the module its
+``class_path`` names runs that module's code: a config file is as trusted as code. Bad input ends with one line
+``lightning-cnet-analyze: error: ...``, exit status 2, and nothing written.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from lightning_cnet.analysis._files import check_writable, write_atomically, wri
 from lightning_cnet.analysis.compression import check_pairs, compressed, compression_sweep, parse_pair
 from lightning_cnet.analysis.convergence import convergence_study
 from lightning_cnet.analysis.depth_profile import depth_profile
-from lightning_cnet.analysis.evaluation import as_batches
+from lightning_cnet.analysis.evaluation import Batches, as_batches
 from lightning_cnet.analysis.export import export_onnx, export_program
 from lightning_cnet.analysis.manifestation import check_sweep_arguments, manifestation_sweep
 from lightning_cnet.analysis.plots import (
@@ -42,6 +44,8 @@ from lightning_cnet.analysis.plots import (
     plot_manifestation,
     plot_training_curve,
 )
+from lightning_cnet.batches import model_input
+from lightning_cnet.callbacks.depth_refinement import refinable_modules
 from lightning_cnet.integrators import list_schemes
 from lightning_cnet.metrics_reader import read_scalars
 
@@ -59,10 +63,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ---------------------------------------------------------------------- inputs
-def load_task(ckpt_path: str) -> Any:
-    """The ContinuousNetClassifier of a checkpoint written by ``lightning-cnet fit`` (or any Trainer)."""
+def load_task(ckpt_path: str, model_class: type | None = None) -> Any:
+    """The LightningModule of a checkpoint written by ``lightning-cnet fit`` (or any Trainer), in eval mode.
+
+    Args:
+        ckpt_path: the checkpoint.
+        model_class: its LightningModule class (default: :class:`~lightning_cnet.module.ContinuousNetClassifier`).
+    """
     from lightning_cnet.module import ContinuousNetClassifier
 
+    model_class = model_class or ContinuousNetClassifier
     path = Path(ckpt_path)
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
@@ -70,13 +80,45 @@ def load_task(ckpt_path: str) -> Any:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file is bad input
         raise UsageError(f"{path}: not a readable checkpoint ({_first_line(error)})") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
-        raise UsageError(f"{path}: not a Lightning checkpoint of a ContinuousNet classifier (no state_dict and "
-                         "hyper_parameters)")
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UsageError(f"{path}: not a Lightning checkpoint (no state_dict)")
     try:
-        return ContinuousNetClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True).eval()
+        task = model_class.load_from_checkpoint(path, map_location="cpu", weights_only=True).eval()
     except Exception as error:  # noqa: BLE001 - a checkpoint of another model is bad input
-        raise UsageError(f"{path}: not a checkpoint of a ContinuousNet classifier ({_first_line(error)})") from None
+        raise UsageError(f"{path}: not a checkpoint of {model_class.__name__} ({_first_line(error)})") from None
+    if not refinable_modules(task):
+        raise UsageError(f"{path}: {model_class.__name__} holds no ContinuousNet to study")
+    return task
+
+
+def backbone(task: Any) -> Any:
+    """The (first) ContinuousNet inside ``task``: what the studies change and measure."""
+    return refinable_modules(task)[0]
+
+
+def model_class(config_path: Path | None) -> type | None:
+    """The ``LightningModule`` subclass that ``model.class_path`` names in a LightningCLI config (``None``: none)."""
+    if config_path is None:
+        return None
+    try:
+        content = yaml.safe_load(config_path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise UsageError(f"{config_path}: {_first_line(error)}") from None
+    model = content.get("model") if isinstance(content, dict) else None
+    class_path = model.get("class_path") if isinstance(model, dict) else None
+    if class_path is None:
+        return None
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(_module_bases(), "model", required=True, instantiate=False)
+    try:
+        parser.parse_object({"model": {"class_path": class_path}})
+        module, name = str(class_path).rsplit(".", 1)
+        return getattr(__import__(module, fromlist=[name]), name)
+    except Exception as error:  # noqa: BLE001 - a class path jsonargparse refuses is bad input
+        raise UsageError(f"{config_path}: model.class_path {class_path!r} is not a LightningModule the package can "
+                         f"load: {_first_line(error)}") from None
 
 
 def _first_line(error: BaseException) -> str:
@@ -113,13 +155,21 @@ def build_datamodule(config_path: Path) -> Any:
 
 
 def _datamodule_bases() -> tuple[type, ...]:
+    return _lightning_bases("LightningDataModule")
+
+
+def _module_bases() -> tuple[type, ...]:
+    return _lightning_bases("LightningModule")
+
+
+def _lightning_bases(name: str) -> tuple[type, ...]:
     import pytorch_lightning as pl
 
-    bases: list[type] = [pl.LightningDataModule]
+    bases: list[type] = [getattr(pl, name)]
     try:
         import lightning.pytorch as L
 
-        bases.append(L.LightningDataModule)
+        bases.append(getattr(L, name))
     except ImportError:
         pass
     return tuple(bases)
@@ -161,16 +211,51 @@ class _Inputs:
         paths = args.ckpt_path if isinstance(args.ckpt_path, list) else [args.ckpt_path]
         self.out = check_writable(args.out) if getattr(args, "out", None) else None
         self.labels = _labels(paths, getattr(args, "labels", None))
-        self.tasks = [load_task(path) for path in paths]
+        if getattr(args, "config", None):
+            config: Path | None = Path(args.config)
+        elif needs_data:
+            config = find_config(paths[0])
+        else:
+            config = next((c for c in (_config_near(p) for p in paths[:1]) if c is not None), None)
+        self.tasks = [load_task(path, model_class(config)) for path in paths]
+        self.nets = [backbone(task) for task in self.tasks]
         self.paths = paths
         if not needs_data:
             return
-        datamodule = build_datamodule(Path(args.config) if args.config else find_config(paths[0]))
+        from lightning_cnet.classification import ClassificationTask
+
+        measuring = next((task for task in self.tasks if not isinstance(task, ClassificationTask)), None)
+        datamodule = build_datamodule(config)
         self.datamodule = datamodule
-        self.batches = as_batches(dataloader(datamodule, args.split), limit=args.num_batches)
+        self.batches = as_batches(dataloader(datamodule, args.split), limit=args.num_batches, task=measuring)
         self.recalibration = None
         if getattr(args, "recalibrate_bn", False):
-            self.recalibration = as_batches(dataloader(datamodule, "train"), limit=args.recalibration_batches)
+            self.recalibration = as_batches(dataloader(datamodule, "train"), limit=args.recalibration_batches,
+                                            task=measuring)
+
+    def batches_of(self, task: Any) -> Batches:
+        """The evaluation batches, measured by ``task`` unless it is a classifier (accuracy and cross-entropy)."""
+        if self.batches.task is None:
+            return self.batches
+        measured = Batches(self.batches)
+        measured.task = task
+        return measured
+
+    def metric(self, rows: Sequence[dict[str, Any]]) -> str:
+        """The column plotted: ``accuracy`` for a classifier, else the task's ``monitor`` (or its first metric)."""
+        if "accuracy" in rows[0]:
+            return "accuracy"
+        monitor = getattr(self.tasks[0], "monitor", None)
+        fixed = {"checkpoint", "scheme", "n_steps", "bn", "trained", "n_basis", "parameters", "logit_distance",
+                 "ms_per_batch", "function_evaluations"}
+        return monitor if monitor in rows[0] else next(key for key in rows[0] if key not in fixed)
+
+
+def _config_near(ckpt_path: str) -> Path | None:
+    try:
+        return find_config(ckpt_path)
+    except UsageError:
+        return None
 
 
 # ---------------------------------------------------------------------- output
@@ -192,23 +277,22 @@ def _manifestation(args: argparse.Namespace) -> None:
     check_sweep_arguments(args.schemes or [], args.n_steps or [])
     inputs = _Inputs(args)
     rows_by_label = {}
-    for label, task in zip(inputs.labels, inputs.tasks):
-        rows = manifestation_sweep(task.model, inputs.batches, schemes=args.schemes, n_steps=args.n_steps,
+    for label, task, net in zip(inputs.labels, inputs.tasks, inputs.nets):
+        rows = manifestation_sweep(net, inputs.batches_of(task), schemes=args.schemes, n_steps=args.n_steps,
                                    reference_steps=args.reference_steps, recalibration=inputs.recalibration,
                                    recalibration_batches=args.recalibration_batches)
         rows_by_label[label] = [{"checkpoint": label, **row} for row in rows]
     all_rows = [row for rows in rows_by_label.values() for row in rows]
     table = write_csv(all_rows, inputs.out / "manifestation.csv")
-    picture = plot_manifestation(rows_by_label, inputs.out / "manifestation.png")
-    _print_rows(all_rows, ["checkpoint", "scheme", "n_steps", "bn", "trained", "accuracy", "loss", "logit_distance",
-                           "ms_per_batch", "function_evaluations"])
+    picture = plot_manifestation(rows_by_label, inputs.out / "manifestation.png", metric=inputs.metric(all_rows))
+    _print_rows(all_rows)
     print(f"wrote {table} and {picture}")
 
 
 def _convergence(args: argparse.Namespace) -> None:
     check_sweep_arguments(args.schemes or [], args.n_steps or [])
     inputs = _Inputs(args)
-    errors, orders = convergence_study(inputs.tasks[0].model, inputs.batches, schemes=args.schemes,
+    errors, orders = convergence_study(inputs.nets[0], inputs.batches, schemes=args.schemes,
                                        n_steps=args.n_steps, reference_steps=args.reference_steps)
     written = [write_csv(errors, inputs.out / "convergence.csv"),
                write_csv(orders, inputs.out / "convergence_orders.csv"),
@@ -220,8 +304,8 @@ def _convergence(args: argparse.Namespace) -> None:
 def _depth(args: argparse.Namespace) -> None:
     inputs = _Inputs(args, needs_data=False)
     pieces, stages = {}, {}
-    for label, task in zip(inputs.labels, inputs.tasks):
-        pieces[label], stages[label] = depth_profile(task.model, label=label)
+    for label, net in zip(inputs.labels, inputs.nets):
+        pieces[label], stages[label] = depth_profile(net, label=label)
     all_stages = [row for rows in stages.values() for row in rows]
     written = [write_csv([row for rows in pieces.values() for row in rows], inputs.out / "depth_profile.csv"),
                write_csv(all_stages, inputs.out / "depth_smoothness.csv"),
@@ -237,12 +321,13 @@ def _compression(args: argparse.Namespace) -> None:
     if args.save:
         check_writable(args.save)
     inputs = _Inputs(args)
-    task, path = inputs.tasks[0], inputs.paths[0]
-    check_pairs(task.model, pairs)
-    rows = compression_sweep(task.model, inputs.batches, pairs=pairs)
-    resolution = task.model.resolution[0]
+    task, net, path = inputs.tasks[0], inputs.nets[0], inputs.paths[0]
+    check_pairs(net, pairs)
+    rows = compression_sweep(net, inputs.batches_of(task), pairs=pairs)
+    resolution = net.resolution[0]
     written = [write_csv(rows, inputs.out / "compression.csv"),
-               plot_compression(rows, inputs.out / "compression.png", trained=(resolution.n_basis, resolution.n_steps))]
+               plot_compression(rows, inputs.out / "compression.png", trained=(resolution.n_basis, resolution.n_steps),
+                                metric=inputs.metric(rows))]
     if args.save:
         written += [save_compressed(path, task, k, n, Path(args.save)) for k, n in pairs]
     _print_rows(rows)
@@ -254,12 +339,19 @@ def save_compressed(ckpt_path: str, task: Any, n_basis: int, n_steps: int, direc
     ``lightning-cnet test`` load it: the model's tensors and hyperparameters (built at the compressed resolution), no
     optimizer or loop state."""
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    model = compressed(task.model, n_basis, n_steps)
+    net = backbone(task)
+    prefix = next(name for name, module in task.named_modules() if module is net) + "."
+    model = compressed(net, n_basis, n_steps)
     kept = {key: value for key, value in checkpoint.items()
             if key not in ("state_dict", "optimizer_states", "lr_schedulers", "loops")}
-    kept["hyper_parameters"] = {**checkpoint["hyper_parameters"], "n_basis": n_basis, "n_steps": n_steps}
-    kept["state_dict"] = {**{k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.")},
-                          **{f"model.{k}": v for k, v in model.state_dict().items()}}
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    resolution = {"n_basis": n_basis, "n_steps": n_steps}
+    if isinstance(hparams.get("model_kwargs"), dict):
+        hparams["model_kwargs"] = {**hparams["model_kwargs"], **resolution}
+    hparams.update({key: value for key, value in resolution.items() if key in hparams or "model_kwargs" not in hparams})
+    kept["hyper_parameters"] = hparams
+    kept["state_dict"] = {**{k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefix)},
+                          **{f"{prefix}{k}": v for k, v in model.state_dict().items()}}
     target = directory / f"{Path(ckpt_path).stem}-K{n_basis}-N{n_steps}.ckpt"
     return write_atomically(target, lambda temporary: torch.save(kept, temporary))
 
@@ -270,9 +362,9 @@ def _export(args: argparse.Namespace) -> None:
     check_writable(out.parent)
     args.num_batches, args.split = 1, args.split
     inputs = _Inputs(args)
-    model = inputs.tasks[0].model
+    model = inputs.nets[0]
     model.set_manifestation(scheme=args.scheme, n_steps=args.n_steps)
-    example = inputs.batches[0][0]
+    example = model_input(inputs.batches[0], inputs.tasks[0])
     written = [export_program(model, example, out)]
     if args.onnx:
         written.append(export_onnx(model, example, out.with_suffix(".onnx")))

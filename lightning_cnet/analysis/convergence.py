@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from lightning_cnet.analysis.evaluation import Batch
 from lightning_cnet.analysis.manifestation import check_sweep_arguments, step_grid
 from lightning_cnet.bases import get_basis
+from lightning_cnet.batches import model_input, to_device
 from lightning_cnet.integrators import get_scheme, list_schemes
 from lightning_cnet.models import ContinuousNet
 
@@ -56,8 +57,8 @@ def _outputs(model: ContinuousNet, batches: Sequence[Batch], stage_inputs: list[
 
     handles = [stage.register_forward_hook(record(i)) for i, stage in enumerate(model.stages)]
     try:
-        for images, _ in batches:
-            logits.append(model(images))
+        for batch in batches:
+            logits.append(model(model_input(batch)))
     finally:
         for handle in handles:
             handle.remove()
@@ -115,7 +116,8 @@ def convergence_study(
     reference_steps = reference_steps or 16 * max(n_steps)
     check_sweep_arguments([*schemes, reference_scheme], [*n_steps, reference_steps])
     work = copy.deepcopy(model).double().eval()
-    batches = [(images.double(), targets) for images, targets in batches]
+    device = next(work.parameters()).device
+    batches = [to_device(batch, device, torch.float64) for batch in batches]
     with work.manifestation(scheme=reference_scheme, n_steps=reference_steps):
         reference_logits, stage_inputs, reference_outputs = _outputs(work, batches, None)
 

@@ -37,10 +37,12 @@ def _colours(labels: Sequence[str]) -> dict[str, Any]:
     return {label: cycle[i % len(cycle)] for i, label in enumerate(labels)}
 
 
-def plot_manifestation(rows_by_label: Mapping[str, Sequence[dict[str, Any]]], path: str | Path) -> Path:
-    """Accuracy and logit distance against step count: a colour per checkpoint, a line style per scheme, a star at
-    each checkpoint's training manifestation and a dotted line at its stages-off accuracy; one column per BatchNorm
-    mode (as trained, recalibrated)."""
+def plot_manifestation(rows_by_label: Mapping[str, Sequence[dict[str, Any]]], path: str | Path, *,
+                       metric: str = "accuracy") -> Path:
+    """``metric`` (accuracy in %, or a task's own) and logit distance against step count: a colour per checkpoint, a
+    line style per scheme, a star at each checkpoint's training manifestation and a dotted line at its stages-off
+    value; one column per BatchNorm mode (as trained, recalibrated)."""
+    value, label_of_value = _metric_axis(metric)
     plt = _pyplot()
     rows = [row for group in rows_by_label.values() for row in group]
     modes = list(dict.fromkeys(row["bn"] for row in rows if row["scheme"] != "stages_off"))
@@ -57,20 +59,20 @@ def plot_manifestation(rows_by_label: Mapping[str, Sequence[dict[str, Any]]], pa
                 if not points:
                     continue
                 steps = [n for n, _ in points]
-                accuracy_axes.plot(steps, [100 * r["accuracy"] for _, r in points], color=colour,
+                accuracy_axes.plot(steps, [value(r) for _, r in points], color=colour,
                                    linestyle=styles[scheme], marker=".", label=f"{label} {scheme}")
                 distance_axes.plot(steps, [r["logit_distance"] for _, r in points], color=colour,
                                    linestyle=styles[scheme], marker=".")
                 for n, row in points:
                     if row["trained"]:
-                        accuracy_axes.plot([n], [100 * row["accuracy"]], marker="*", markersize=14, color=colour,
+                        accuracy_axes.plot([n], [value(row)], marker="*", markersize=14, color=colour,
                                            linestyle="none")
             off = [r for r in group if r["scheme"] == "stages_off"]
             if off:
-                accuracy_axes.axhline(100 * off[0]["accuracy"], color=colour, linestyle=":", linewidth=1,
+                accuracy_axes.axhline(value(off[0]), color=colour, linestyle=":", linewidth=1,
                                       label=f"{label} stages off")
         accuracy_axes.set_title(f"BatchNorm statistics {mode}")
-        accuracy_axes.set_ylabel("accuracy (%)")
+        accuracy_axes.set_ylabel(label_of_value)
         distance_axes.set_ylabel("relative logit distance to the reference")
         distance_axes.set_yscale("log")
         distance_axes.set_xlabel("integration steps per stage (star: training manifestation)")
@@ -179,23 +181,32 @@ def _stage_jumps(kernel_rows: Sequence[dict[str, Any]], n_pieces: int) -> list[f
     return jumps
 
 
-def plot_compression(rows: Sequence[dict[str, Any]], path: str | Path, *, trained: tuple[int, int]) -> Path:
-    """Accuracy against parameters and against latency per (n_basis, n_steps) pair, the stages-off baseline dashed
-    and the uncompressed model starred."""
+def _metric_axis(metric: str) -> tuple[Any, str]:
+    """How a row's ``metric`` is plotted, and the axis label: accuracy in percent, anything else as it is."""
+    if metric == "accuracy":
+        return (lambda row: 100 * row["accuracy"]), "accuracy (%)"
+    return (lambda row: row[metric]), metric
+
+
+def plot_compression(rows: Sequence[dict[str, Any]], path: str | Path, *, trained: tuple[int, int],
+                     metric: str = "accuracy") -> Path:
+    """``metric`` (accuracy in %, or a task's own) against parameters and against latency per (n_basis, n_steps)
+    pair, the stages-off baseline dashed and the uncompressed model starred."""
     plt = _pyplot()
+    value, label_of_value = _metric_axis(metric)
     off = next(row for row in rows if row["n_basis"] == 0)
     pairs = [row for row in rows if row["n_basis"] > 0]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in ((axes[0], "parameters", "parameters"), (axes[1], "ms_per_batch", "ms per batch")):
         for row in pairs:
             star = (row["n_basis"], row["n_steps"]) == trained
-            ax.plot(row[key], 100 * row["accuracy"], marker="*" if star else "o", markersize=12 if star else 6,
+            ax.plot(row[key], value(row), marker="*" if star else "o", markersize=12 if star else 6,
                     color="C0", linestyle="none")
-            ax.annotate(f"K={row['n_basis']}, N={row['n_steps']}", (row[key], 100 * row["accuracy"]),
+            ax.annotate(f"K={row['n_basis']}, N={row['n_steps']}", (row[key], value(row)),
                         textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax.axhline(100 * off["accuracy"], color="gray", linestyle="--", label="stages off")
+        ax.axhline(value(off), color="gray", linestyle="--", label="stages off")
         ax.set_xlabel(label)
-        ax.set_ylabel("accuracy (%)")
+        ax.set_ylabel(label_of_value)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0].set_title("Compression (star: the trained model)")

@@ -1,4 +1,4 @@
-"""LightningDataModules: offline digits (plain and distorted), CIFAR-10/100 and any image folder.
+"""LightningDataModules: offline digits (plain, distorted, and on a canvas with masks), CIFAR-10/100, any image folder.
 
 Every DataModule exposes ``num_classes``, ``in_chans`` and ``image_size`` right after it is
 built, so that a model can be sized from it before ``setup``. The training order of epoch ``e``
@@ -22,6 +22,7 @@ from importlib import import_module
 from typing import Any
 
 from lightning_cnet.data._common import DatasetNotFoundError, SplitDataMixin
+from lightning_cnet.data.canvas import DigitCanvasDataMixin
 from lightning_cnet.data.cifar import CIFAR10DataMixin, CIFAR100DataMixin
 from lightning_cnet.data.digits import AffineNoise, DigitsDataMixin, HardDigitsDataMixin
 from lightning_cnet.data.folder import ImageFolderDataMixin
@@ -31,6 +32,7 @@ from lightning_cnet.data.sampling import EpochKeySampler, EpochSampler, Resumabl
 _PYTORCH_LIGHTNING_DATAMODULES = (
     "CIFAR100DataModule",
     "CIFAR10DataModule",
+    "DigitCanvasDataModule",
     "DigitsDataModule",
     "HardDigitsDataModule",
     "ImageFolderDataModule",
@@ -49,6 +51,7 @@ __all__ = [
     "CIFAR100DataMixin",
     "CIFAR10DataMixin",
     "DatasetNotFoundError",
+    "DigitCanvasDataMixin",
     "DigitsDataMixin",
     "EpochKeySampler",
     "EpochSampler",

@@ -6,6 +6,7 @@ Imports nothing of ``pytorch_lightning``; the classes are public as ``lightning_
 from __future__ import annotations
 
 from lightning_cnet._namespace import lightning_namespace
+from lightning_cnet.data.canvas import DigitCanvasDataMixin
 from lightning_cnet.data.cifar import CIFAR10DataMixin, CIFAR100DataMixin
 from lightning_cnet.data.digits import DigitsDataMixin, HardDigitsDataMixin
 from lightning_cnet.data.folder import ImageFolderDataMixin
@@ -20,6 +21,11 @@ class DigitsDataModule(DigitsDataMixin, L.LightningDataModule):
 
 class HardDigitsDataModule(HardDigitsDataMixin, DigitsDataModule):
     __doc__ = HardDigitsDataMixin.__doc__
+    __module__ = "lightning_cnet.lightning"
+
+
+class DigitCanvasDataModule(DigitCanvasDataMixin, L.LightningDataModule):
+    __doc__ = DigitCanvasDataMixin.__doc__
     __module__ = "lightning_cnet.lightning"
 
 
@@ -41,6 +47,7 @@ class ImageFolderDataModule(ImageFolderDataMixin, L.LightningDataModule):
 __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
+    "DigitCanvasDataModule",
     "DigitsDataModule",
     "HardDigitsDataModule",
     "ImageFolderDataModule",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 
+from lightning_cnet.data.canvas import DigitCanvasDataMixin
 from lightning_cnet.data.cifar import CIFAR10DataMixin, CIFAR100DataMixin
 from lightning_cnet.data.digits import DigitsDataMixin, HardDigitsDataMixin
 from lightning_cnet.data.folder import ImageFolderDataMixin
@@ -16,6 +17,11 @@ class DigitsDataModule(DigitsDataMixin, pl.LightningDataModule):
 
 class HardDigitsDataModule(HardDigitsDataMixin, DigitsDataModule):
     __doc__ = HardDigitsDataMixin.__doc__
+    __module__ = "lightning_cnet.data"
+
+
+class DigitCanvasDataModule(DigitCanvasDataMixin, pl.LightningDataModule):
+    __doc__ = DigitCanvasDataMixin.__doc__
     __module__ = "lightning_cnet.data"
 
 
@@ -37,6 +43,7 @@ class ImageFolderDataModule(ImageFolderDataMixin, pl.LightningDataModule):
 __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
+    "DigitCanvasDataModule",
     "DigitsDataModule",
     "HardDigitsDataModule",
     "ImageFolderDataModule",
