@@ -42,11 +42,13 @@ import torch
 import yaml
 from torch.optim import Optimizer
 from pytorch_lightning.callbacks import BasePredictionWriter, Callback, ModelCheckpoint, ProgressBar, RichProgressBar
+from pytorch_lightning.plugins.io import CheckpointIO, TorchCheckpointIO
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from lightning_cnet import __version__
+from lightning_cnet.checkpoint_io import AtomicCheckpointIO
 from lightning_cnet.callbacks import refinable_modules
 from lightning_cnet.data import DatasetNotFoundError
 from lightning_cnet.module import ContinuousNetClassifier
@@ -240,7 +242,12 @@ class ContinuousNetCLI(LightningCLI):
             callbacks = [*callbacks, RichProgressBar()]
         if self.subcommand == "predict" and not any(isinstance(cb, BasePredictionWriter) for cb in configured):
             callbacks = [*callbacks, PredictionCSVWriter()]
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        plugins = config.get("plugins") or []
+        chosen = any(isinstance(p, CheckpointIO) for p in (plugins if isinstance(plugins, list) else [plugins]))
+        if not chosen and type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # plugins given without one
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:
         new_directories = _directories_to_be_created(self.trainer)
@@ -291,13 +298,16 @@ def _optimizers_in(value: Any) -> Iterator[Optimizer]:
 
 def default_trainer_settings() -> dict[str, Any]:
     """Trainer defaults of the CLI: a TensorBoard logger when ``tensorboard`` is installed, else a CSV logger,
-    writing to ``lightning_logs/<name>/version_<n>`` (configs set ``trainer.logger.init_args.name``)."""
+    writing to ``lightning_logs/<name>/version_<n>`` (configs set ``trainer.logger.init_args.name``), and
+    checkpoints written atomically (:class:`~lightning_cnet.checkpoint_io.AtomicCheckpointIO`: a full disk or a
+    crash mid-write leaves the previous checkpoint intact)."""
     logger = "TensorBoardLogger" if find_spec("tensorboard") is not None else "CSVLogger"
     return {
         "logger": {
             "class_path": f"pytorch_lightning.loggers.{logger}",
             "init_args": {"save_dir": "lightning_logs", "name": "default"},
-        }
+        },
+        "plugins": [{"class_path": "lightning_cnet.checkpoint_io.AtomicCheckpointIO"}],
     }
 
 

@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_cnet._atomic import replace_atomically
+
 
 def check_writable(directory: str | Path) -> Path:
     """Raise ``ValueError`` unless ``directory`` exists as a writable folder or could be created; nothing is made.
@@ -34,26 +36,10 @@ def check_writable(directory: str | Path) -> Path:
 def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(temporary_path)`` and rename the result to ``path``, so a failure leaves no partial file.
 
-    Parent folders are created. The temporary file lies in the same folder, so the rename is atomic.
+    Parent folders are created. The temporary file lies in the same folder and is flushed to disk before the rename
+    (:func:`lightning_cnet._atomic.replace_atomically`).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(handle)
-    temporary = Path(name)
-    try:
-        write(temporary)
-        os.chmod(temporary, 0o666 & ~_umask())  # the permissions of a file opened as usual, not mkstemp's 0600
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return replace_atomically(path, write)
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
