@@ -87,8 +87,8 @@ def check_step_count(n_steps: int, argument: str = "n_steps") -> None:
         raise ResolutionCostError(
             f"{argument}={n_steps} is too many steps per stage: expected at most {MAX_STEPS_PER_STAGE} "
             f"(lightning_cnet.cost.MAX_STEPS_PER_STAGE); a forward pass would evaluate the residual unit {n_steps} "
-            f"times per stage and its step plan alone would take about {format_bytes(n_steps * PLAN_BYTES_PER_EVALUATION)}"
-            " per scheme stage"
+            f"times per stage and its step plan alone would take about "
+            f"{format_bytes(n_steps * PLAN_BYTES_PER_EVALUATION)} per scheme stage"
         )
 
 
@@ -273,7 +273,10 @@ def estimate_cost(
     activations = 0
     if training and batch_shape is not None and blocks:
         largest = max(stage.n_steps for stage in stages)
-        activations = activation_bytes(model, batch_shape, n_steps=largest, scheme=scheme)
+        try:
+            activations = activation_bytes(model, batch_shape, n_steps=largest, scheme=scheme)
+        except (RuntimeError, ValueError, TypeError):  # a model that does not take such a batch: not estimated
+            activations = 0
     return Cost(tuple(stages), other, activations, training)
 
 
@@ -327,6 +330,23 @@ def activation_bytes(model: nn.Module, batch_shape: Sequence[int], *, n_steps: i
     per_sample = (c - a) - per_step_per_sample
     fixed = a - per_step - per_sample - per_step_per_sample
     return max(fixed + per_step * n_steps + per_sample * batch + per_step_per_sample * n_steps * batch, 0)
+
+
+def training_batch_shape(datamodule: Any) -> tuple[int, int, int, int] | None:
+    """``(batch_size, in_chans, image_size, image_size)`` of a data module that says so (the package's data modules
+    do: ``batch_size`` (or ``hparams.batch_size``), ``in_chans``, ``image_size``); ``None`` for one that does not."""
+    if datamodule is None:
+        return None
+    hparams = getattr(datamodule, "hparams", {}) or {}
+    values = []
+    for name in ("batch_size", "in_chans", "image_size"):
+        value = getattr(datamodule, name, None)
+        value = hparams.get(name) if value is None and hasattr(hparams, "get") else value
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return None
+        values.append(value)
+    batch, channels, size = values
+    return batch, channels, size, size
 
 
 # ---------------------------------------------------------------------- memory
@@ -397,7 +417,7 @@ def check_cost(
         cost: the estimate.
         what: what is asked, for the messages (e.g. ``"n_steps=30000"``).
         device: where the memory is needed (default: the CPU).
-        fits: given the share of the estimate that fits (``< 1``), what would fit, e.g. ``"n_steps=12000"``.
+        fits: given the share of the estimate that fits (``< 1``), what would, e.g. ``"n_steps=8192 would fit"``.
         warn: warn (:class:`ResolutionCostWarning`) above :data:`WARN_EVALUATIONS_PER_STAGE` evaluations per stage.
 
     Raises:
@@ -410,11 +430,11 @@ def check_cost(
     available = available_memory(device)
     if available is not None and cost.memory_bytes > MEMORY_FRACTION * available:
         share = MEMORY_FRACTION * available / cost.memory_bytes
-        hint = f"; {fits(share)} would fit" if fits is not None else ""
+        hint = f"; {fits(share)}" if fits is not None else ""
         where = torch.device("cpu" if device is None else device)
         raise ResolutionCostError(
-            f"{what} does not fit in memory: it needs about {format_bytes(cost.memory_bytes)} ({cost.describe()}) "
-            f"but {format_bytes(available)} is available on {where.type}{hint}"
+            f"{what} does not fit in memory: about {format_bytes(cost.memory_bytes)} needed, "
+            f"{format_bytes(available)} available on {where.type}{hint} ({cost.describe()})"
         )
     if not warn:
         return

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from lightning_cnet.cost import (
     check_cost,
     check_piece_count,
     check_step_count,
+    estimate_cost,
     scaled,
     unit_piece_bytes,
 )
@@ -500,14 +502,26 @@ class ContinuousNet(nn.Module):
         changes = [stage.refine(noise_std=noise_std, generator=generator) for stage in self.stages]
         return self._report(changes, parameters_before)
 
-    def check_refine(self, refinements: int = 1) -> None:
+    def check_refine(self, refinements: int = 1, *, training: bool = False,
+                     batch_shape: Sequence[int] | None = None) -> None:
         """Raise :class:`~lightning_cnet.cost.ResolutionCostError` (a ``ValueError``) if ``refinements`` more
         refinements would take a stage beyond the bounds of :mod:`lightning_cnet.cost` or the model beyond the memory
-        available; warn if its forward pass would be very slow."""
-        costs = tuple(stage.refined_cost(refinements) for stage in self.stages)
-        device = self.stem.weight.device
-        check_cost(Cost(costs, training=False), what=f"{refinements} more refinement(s) (to n_steps "
-                   f"{'-'.join(str(c.n_steps) for c in costs)})", device=device)
+        available; warn if its forward pass would be very slow.
+
+        Args:
+            refinements: how many refinements ahead.
+            training: count gradients, optimizer state and (with ``batch_shape``) the activations of a training
+                step at the refined step count.
+            batch_shape: the training batch ``[B, C, H, W]``.
+        """
+        cost = estimate_cost(self, refinements=refinements, batch_shape=batch_shape, training=training)
+        steps = "-".join(str(stage.n_steps) for stage in cost.stages)
+
+        def fits(share: float) -> str:  # each refinement about doubles pieces, steps and activations
+            return f"about {max(refinements + math.floor(math.log2(share)), 0)} refinement(s) would fit"
+
+        what = f"{refinements} refinement(s) ahead (to n_steps {steps}{', training' if training else ''})"
+        check_cost(cost, what=what, device=self.stem.weight.device, fits=fits)
 
     def compress(self, *, n_basis: PerStage = None, n_steps: PerStage = None) -> ResolutionChange:
         """Project every stage onto fewer basis coefficients and/or integrate with fewer steps, in place.
@@ -593,7 +607,7 @@ def _check_model_size(widths: list[int], steps: list[int], pieces: list[int], sc
                    for width, n, k in zip(widths, steps, pieces))
     name = "n_steps" if tied else "n_basis"
     largest = max(steps) if tied else max(pieces)
-    check_cost(Cost(stages), what=f"{name}={largest}", fits=lambda share: f"{name}={scaled(largest, share)}")
+    check_cost(Cost(stages), what=f"{name}={largest}", fits=lambda share: f"{name}={scaled(largest, share)} would fit")
 
 
 def _check_stage_resolutions(model: ContinuousNet, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:

@@ -268,10 +268,10 @@ class ODEBlock(nn.Module):
         piece_bytes = math.ceil(sum(t.numel() * t.element_size() for t in pieces) / self.n_basis)
         return StageCost(n_basis, self.n_steps * 2**refinements, self.tableau.n_stages, piece_bytes)
 
-    def check_refine(self) -> None:
-        """Raise :class:`~lightning_cnet.cost.ResolutionCostError` if :meth:`refine` would go beyond the bounds of
-        :mod:`lightning_cnet.cost` or the memory available."""
-        cost = self.refined_cost()
+    def check_refine(self, refinements: int = 1) -> None:
+        """Raise :class:`~lightning_cnet.cost.ResolutionCostError` if ``refinements`` calls of :meth:`refine` would go
+        beyond the bounds of :mod:`lightning_cnet.cost` or the memory available."""
+        cost = self.refined_cost(refinements)
         check_step_count(cost.n_steps, "n_steps after refinement")
         check_piece_count(cost.n_basis, "n_basis after refinement")
         if cost.n_basis > CHEAP_RESOLUTION:
@@ -461,7 +461,7 @@ def _check_stage_size(unit: str | UnitFactory, width: int, unit_kwargs: dict[str
         return
     stage = StageCost(n_basis, n_steps, tableau.n_stages, unit_piece_bytes(unit, width, unit_kwargs, gated))
     check_cost(Cost((stage,)), what=f"a stage of width {width} with n_basis={n_basis}, n_steps={n_steps}",
-               fits=lambda share: f"n_basis={scaled(n_basis, share)}", warn=False)
+               fits=lambda share: f"n_basis={scaled(n_basis, share)} would fit", warn=False)
 
 
 def _ranges(indices: list[int]) -> str:

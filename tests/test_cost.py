@@ -134,7 +134,7 @@ def test_the_other_model_check_of_a_lightning_load_is_cheap_too(refined_state) -
 # ---------------------------------------------------------------------- building and manifestation
 def test_a_huge_step_count_is_refused_before_anything_is_built() -> None:
     start = time.perf_counter()
-    with pytest.raises(ResolutionCostError, match=r"n_steps=100000 is too many steps per stage: expected at most 65536"):
+    with pytest.raises(ResolutionCostError, match="n_steps=100000 is too many steps per stage: expected at most 65536"):
         get_model("cnet_digits", n_steps=100_000)
     with pytest.raises(ResolutionCostError, match=r"n_basis=5000 \(n_basis defaults to n_steps\) is too many weight "
                                                   r"pieces per stage: expected at most 4096"):
@@ -151,8 +151,8 @@ def test_a_model_that_does_not_fit_in_memory_is_refused_and_the_hint_fits(monkey
     with pytest.raises(ResolutionCostError) as error:
         get_model("cnet_cifar", n_steps=500)
     message = str(error.value)
-    assert message.startswith("n_steps=500 does not fit in memory: it needs about ") and "60.0 MB is available" in message
-    suggested = int(message.rsplit("n_steps=", 1)[1].split()[0])
+    assert message.startswith("n_steps=500 does not fit in memory: about ") and "60.0 MB available on cpu" in message
+    suggested = int(message.split("; n_steps=", 1)[1].split()[0])
     piece = sum(p.numel() * 4 for p in get_model("cnet_cifar", n_steps=1).stages.parameters()) + sum(
         b.numel() * 4 for stage in get_model("cnet_cifar", n_steps=1).stages for name, b in stage.named_buffers()
         if "running" in name)
@@ -235,3 +235,21 @@ def test_activation_estimate_from_small_passes_matches_a_measured_large_pass(sch
         measured = _saved_by_a_training_pass(copy.deepcopy(model), torch.randn(12, 1, 8, 8))
     assert estimate == pytest.approx(measured, rel=0.02)
     assert estimate_cost(model, n_steps=6, batch_shape=(12, 1, 8, 8), training=True).activation_bytes == estimate
+
+
+def test_a_refinement_schedule_beyond_the_bounds_is_refused_at_setup() -> None:
+    """29 refinements of a one-step model would reach 2**29 steps per stage: refused before the first step."""
+    import pytorch_lightning as pl
+
+    from lightning_cnet.callbacks import DepthRefinementCallback
+    from lightning_cnet.module import ContinuousNetClassifier
+    from refinement_support import TinyDigits, trainer_options
+
+    task = ContinuousNetClassifier("cnet_digits", n_steps=1)
+    before = _snapshot(task.model)
+    trainer = pl.Trainer(**trainer_options(max_epochs=30, callbacks=[DepthRefinementCallback(list(range(29)))]))
+    with pytest.raises(ResolutionCostError, match=r"29 refinement\(s\) ahead \(to n_steps 536870912-536870912-"
+                                                   r"536870912, training\): n_steps=536870912 is too many steps"):
+        trainer.fit(task, datamodule=TinyDigits())
+    assert trainer.global_step == 0
+    _assert_unchanged(task.model, before)
