@@ -21,6 +21,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_cnet._transaction import restored_on_error
+from lightning_cnet._validation import TRAINING_RANGES, check_ranges
 from lightning_cnet.integrators import get_scheme
 from lightning_cnet.models import ContinuousNet, get_model
 
@@ -94,6 +95,8 @@ class ClassificationTask:
         backbone: ContinuousNet | None = None,
     ) -> None:
         super().__init__()
+        check_ranges(TRAINING_RANGES, {"lr": lr, "label_smoothing": label_smoothing, "momentum": momentum,
+                                       "weight_decay": weight_decay, "gamma": gamma, "milestones": milestones})
         self.save_hyperparameters(ignore=["backbone"])
         self._compile_options = compile_options(compile)
         self._compiled_backbone: CompiledBackbone | None = None
