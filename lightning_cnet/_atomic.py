@@ -147,7 +147,7 @@ def save_atomically(checkpoint: dict[str, Any], path: str | Path) -> Path:
             with temporary.open("wb") as handle:
                 torch.save(checkpoint, handle)
         except RuntimeError as error:  # torch's zip writer reports a failed write as a RuntimeError
-            cause = _os_error_in(error)
+            cause = os_error_in(error)
             if cause is None:
                 raise
             raise OSError(cause.errno, cause.strerror, str(path)) from error
@@ -155,7 +155,7 @@ def save_atomically(checkpoint: dict[str, Any], path: str | Path) -> Path:
     return replace_atomically(path, write)
 
 
-def _os_error_in(error: BaseException) -> OSError | None:
+def os_error_in(error: BaseException) -> OSError | None:
     """The ``OSError`` behind ``error`` (its cause or context chain), if any."""
     seen: set[int] = set()
     current: BaseException | None = error
