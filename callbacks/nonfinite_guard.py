@@ -439,8 +439,8 @@ class NonFiniteGuardMixin:
       ``base_lrs``/``_last_lr``, so the schedule continues from the lower rate), drop the gradients and carry on
       with the next batch: the bad batch is skipped. After ``max_rollbacks`` rollbacks the next one stops as
       above, after restoring the last good state (the module and optimizer in memory are finite, for whoever
-      catches the error). The rollbacks are kept in :attr:`rollbacks` and in checkpoints. Values the bad batch logged (its
-      ``train_loss``) stay in the epoch's aggregates. Only single-device and DDP strategies are supported.
+      catches the error). The rollbacks are kept in :attr:`rollbacks` and in checkpoints. Values the bad batch
+      logged (its ``train_loss``) stay in the epoch's aggregates. Only single-device and DDP strategies are supported.
 
     Rollback memory: the guard keeps a snapshot, one copy of the model's parameters and buffers and of the
     optimizer state (with SGD and momentum about twice the parameter memory, with Adam three times), refreshed
