@@ -535,6 +535,9 @@ def read_checkpoint(path: str) -> dict[str, Any]:
         UsageError: a missing, unreadable, truncated or non-Lightning file, named with its problem.
     """
     file = Path(path)
+    if file.is_dir():
+        raise UsageError(f"{path}: is a folder, not a checkpoint file (a run keeps them in checkpoints/, e.g. "
+                         "checkpoints/last.ckpt)")
     if not file.is_file():
         raise UsageError(f"{path}: no such checkpoint file")
     try:

@@ -308,6 +308,13 @@ def test_analysis_step_counts_are_refused_before_any_work(run, work, capsys) -> 
     assert files_under(work) == set()
 
 
+def test_a_folder_given_as_checkpoint_is_named_as_such(run, work, capsys) -> None:
+    run_main(main, ["test", "--config", str(run / "config.yaml"), "--ckpt_path", "."], capsys)
+    assert one_error_line(capsys) == ("lightning-cnet: error: .: is a folder, not a checkpoint file (a run keeps them "
+                                      "in checkpoints/, e.g. checkpoints/last.ckpt)")
+    assert files_under(work) == set()
+
+
 def test_analysis_folder_arguments_are_named_as_folders(run, work, capsys) -> None:
     run_main(analyze, ["depth", "--ckpt_path", str(run), "--out", "out"], capsys)
     assert one_error_line(capsys, "lightning-cnet-analyze: error: ") == (
