@@ -293,8 +293,8 @@ class ContinuousNetCLI(LightningCLI):
                 shape = training_batch_shape(self.datamodule) if isinstance(net, ContinuousNet) else None
                 estimate = estimate_cost(net, batch_shape=shape, training=True)
                 steps = "-".join(str(stage.n_steps) for stage in estimate.stages)
-                check_cost(estimate, what=f"training at n_steps {steps}", device=device,
-                           fits=lambda share: f"{share:.0%} of it would fit: lower batch_size or n_steps, or "
+                check_cost(estimate, what=f"training (n_steps {steps})", device=device,
+                           fits=lambda share: f"{share:.0%} of it fits: lower batch_size or n_steps, or "
                                               "recompute_steps=True")
             elif requested.get("n_steps") is not None:
                 estimate = estimate_cost(net, n_steps=requested["n_steps"], scheme=requested.get("scheme"))

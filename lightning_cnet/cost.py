@@ -3,15 +3,20 @@ process or exhausting its memory.
 
 The cost of a ContinuousNet grows linearly with its resolution:
 
-* weights: ``K`` pieces per stage, each the size of one residual unit's parameters and BatchNorm statistics;
+* weights: ``K`` pieces per stage, each the size of one residual unit's parameters and BatchNorm statistics, built in
+  0.5-1.0 ms each;
 * the step plan: one small Python record per Runge-Kutta stage of every step (120-330 bytes measured with
-  ``tracemalloc``; counted as :data:`PLAN_BYTES_PER_EVALUATION`), built in 10-40 microseconds each;
+  ``tracemalloc``; counted as :data:`PLAN_BYTES_PER_EVALUATION`), built in 11-42 microseconds each;
 * residual-unit evaluations per forward pass: ``N`` times the scheme's stages, per stage; the time of a forward pass
-  grows with them (on one CPU thread, one evaluation of a batch costs 0.3 ms for ``cnet_digits`` at 8x8 and batch
-  64, 5.5 ms at 28x28 and batch 128, 18 ms for ``cnet_cifar`` at 32x32 and batch 128);
+  grows with them (on one CPU thread of a busy machine, one evaluation of a batch costs 0.3-1.0 ms for
+  ``cnet_digits`` at 8x8 and batch 64, 5-13 ms at 28x28 and batch 128, 18-41 ms for ``cnet_cifar`` at 32x32 and batch
+  128);
 * in training, the activations kept for backward: measured per sample and per step by four small forward passes
   of the model itself at the input size (:func:`activation_bytes`), plus gradients and optimizer state
-  (:data:`TRAINING_COPIES` copies of the weights).
+  (:data:`TRAINING_COPIES` copies of the weights). Activations plus gradients come within 1-9% of the measured peak
+  of a training step (``cnet_digits`` and ``cnet_cifar``, Euler, midpoint and RK4, 2-8 steps).
+
+The figures come from ``python benchmarks/cost_bounds.py --export`` (see ``benchmarks/README.md``).
 
 :func:`estimate_cost` adds these up for a model, at another manifestation or after refinements if asked;
 :func:`check_cost` refuses what does not fit in :data:`MEMORY_FRACTION` of the memory available on the device (the
@@ -48,7 +53,7 @@ from torch import nn
 #: (minutes per batch even for ``cnet_digits`` at 8x8) and its step plan takes ~100 MB per stage.
 MAX_STEPS_PER_STAGE = 65_536
 #: Most weight pieces per stage: each is a full copy of the unit's parameters and its own BatchNorm modules, built
-#: in ~0.9 ms (measured for ``cnet_digits``: 3 stages of 30,000 pieces took 79 s), so 4,096 pieces take ~11 s.
+#: in 0.5-1.0 ms (``cnet_digits``: 3 stages of 30,000 pieces took 79 s), so 4,096 pieces take 2-4 s per stage.
 MAX_PIECES_PER_STAGE = 4_096
 #: Weight pieces per stage above which building or refining warns (about 3 s for ``cnet_digits``).
 WARN_PIECES_PER_STAGE = 1_024
@@ -57,7 +62,7 @@ WARN_PIECES_PER_STAGE = 1_024
 MAX_DEPTH = 1e6
 #: Residual-unit evaluations per stage and forward pass above which a warning names the cost (1,024 RK4 steps).
 WARN_EVALUATIONS_PER_STAGE = 4_096
-#: Most evaluations of an exported (unrolled) graph: ``torch.export`` takes 12-28 ms and ~0.2 MB of memory per
+#: Most evaluations of an exported (unrolled) graph: ``torch.export`` takes 12-57 ms and ~0.2 MB of memory per
 #: evaluation (measured for ``cnet_digits``: 768 evaluations in 22 s), so 2,048 take about a minute.
 MAX_EXPORT_EVALUATIONS = 2_048
 #: Bytes of step plan per Runge-Kutta stage of a step (measured: 120-330).
@@ -284,7 +289,7 @@ def activation_bytes(model: nn.Module, batch_shape: Sequence[int], *, n_steps: i
     """Bytes a training forward pass at ``batch_shape`` and ``n_steps`` per stage keeps for backward, measured.
 
     Four forward passes of the model itself, with batches of 1 and 2 samples at 1 and 2 steps per stage, count the
-    bytes autograd saves (``torch.autograd.graph.saved_tensors_hooks``; the parameters themselves are not counted);
+    bytes autograd saves (``torch.autograd.graph.saved_tensors_hooks``; each storage once, the parameters not);
     the saved bytes are bilinear in batch size and steps, so the four points give them at ``batch_shape`` and
     ``n_steps``. The passes run on copies of the buffers (BatchNorm statistics are not touched) and leave the
     manifestation as it was. Stages that recompute their steps keep only each step's input: this counts what they
@@ -302,12 +307,12 @@ def activation_bytes(model: nn.Module, batch_shape: Sequence[int], *, n_steps: i
     manifestations = [(block.tableau, block.n_steps) for block in blocks]
 
     def saved(samples: int, steps: int) -> int:
-        total = 0
+        storages: dict[int, int] = {}  # a tensor saved by two operations (ReLU's output, the next conv's input) once
 
         def pack(tensor: torch.Tensor) -> torch.Tensor:
-            nonlocal total
             if id(tensor) not in own and id(tensor) not in copies:
-                total += tensor.numel() * tensor.element_size()
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
             return tensor
 
         buffers = {name: value.clone() for name, value in model.named_buffers()}
@@ -316,7 +321,7 @@ def activation_bytes(model: nn.Module, batch_shape: Sequence[int], *, n_steps: i
             block.set_manifestation(scheme=scheme, n_steps=steps)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), torch.enable_grad():
             functional_call(model, buffers, (torch.zeros(samples, *sample, device=device, dtype=dtype),), strict=False)
-        return total
+        return sum(storages.values())
 
     try:
         model.train()
@@ -444,7 +449,7 @@ def check_cost(
     if busiest > WARN_EVALUATIONS_PER_STAGE:
         slow.append(f"a forward pass evaluates the residual unit {cost.function_evaluations} times ({busiest} in one "
                     f"stage, above {WARN_EVALUATIONS_PER_STAGE}; on one CPU thread about "
-                    f"{cost.function_evaluations * 0.3 / 1000:.0f} s per batch of 64 8x8 digits)")
+                    f"{cost.function_evaluations * 0.5 / 1000:.0f} s per batch of 64 8x8 digits)")
     if pieces > WARN_PIECES_PER_STAGE:
         slow.append(f"{pieces} weight pieces in a stage (above {WARN_PIECES_PER_STAGE}) take about "
                     f"{pieces * len(cost.stages) * 0.9 / 1000:.0f} s to build or refine")

@@ -208,18 +208,17 @@ def test_the_estimate_after_refinements_matches_refining_a_copy() -> None:
 
 
 def _saved_by_a_training_pass(model: torch.nn.Module, batch: torch.Tensor) -> int:
-    own = {id(t) for t in [*model.parameters(), *model.buffers()]}
-    total = 0
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    storages = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        if id(tensor) not in own:
-            total += tensor.numel() * tensor.element_size()
+        if tensor.untyped_storage().data_ptr() not in own:
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(batch)
-    return total
+    return sum(storages.values())
 
 
 @pytest.mark.parametrize(("scheme", "basis"), [("euler", "piecewise_constant"), ("rk4", "piecewise_linear")])
