@@ -35,6 +35,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import prune
 
+from lightning_cnet.callbacks._instances import (
+    adopt_saved_state,
+    others_of_kind,
+    settings_state_key,
+    stable_description,
+)
 from lightning_cnet.callbacks.optimizer_surgery import (
     OptimizerState,
     optimized_parameters,
@@ -152,7 +158,12 @@ class DepthRefinementMixin:
         ValueError: an invalid schedule or argument (at construction).
         MisconfigurationException: at ``setup``: an unsupported strategy, a model with nothing refinable,
             pruning (Lightning's ``ModelPruning`` callback, or ``torch.nn.utils.prune`` hooks in the model),
-            fractions without ``max_epochs``.
+            fractions without ``max_epochs``, a second refinement callback in the Trainer.
+
+    One per Trainer: every refinement callback refines every ContinuousNet and ODEBlock of the LightningModule and
+    reads its level from their step counts, so a second one is refused at ``setup`` (give one callback the combined
+    schedule). Its state is saved under :attr:`state_key`; a checkpoint that saved it under another key (written by
+    lightning-cnet 0.2.0, or with another schedule) resumes with that state.
 
     Logged metrics (per epoch): ``refinement/level`` and ``refinement/refined`` (1 at refinement epochs);
     at refinement epochs also ``refinement/epoch``, ``refinement/parameters``, ``refinement/n_steps``,
@@ -169,6 +180,18 @@ class DepthRefinementMixin:
 
     #: The Lightning namespace of the concrete class.
     lightning: ClassVar[Namespace]
+
+    @property
+    def state_key(self) -> str:
+        """Where Lightning stores this callback's state: the class name and the schedule, e.g.
+        ``"DepthRefinementCallback{'refine_at': [2, 4]}"`` (``max_refinements``/``max_n_steps`` too when set)."""
+        return settings_state_key(self, self._key_settings, {"max_refinements": None, "max_n_steps": None})
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """Take the state saved under another key of this class: by lightning-cnet 0.2.0
+        (``"DepthRefinementCallback"``), or with another schedule before a resume (there is one refinement callback)."""
+        if (key := adopt_saved_state(self, trainer.callbacks, DepthRefinementMixin, checkpoint)) is not None:
+            self.lightning.rank_zero_info(f"{type(self).__name__}: restored the state saved under {key!r}")
 
     def __init__(
         self,
@@ -187,6 +210,8 @@ class DepthRefinementMixin:
     ) -> None:
         super().__init__()
         self.schedule = RefinementSchedule(refine_at, max_refinements=max_refinements)
+        self._key_settings = {"refine_at": stable_description(refine_at), "max_refinements": max_refinements,
+                              "max_n_steps": max_n_steps}
         if max_n_steps is not None and (isinstance(max_n_steps, bool) or not isinstance(max_n_steps, int)
                                         or max_n_steps < 1):
             raise ValueError(f"max_n_steps={max_n_steps!r} must be None or an integer >= 1")
@@ -228,6 +253,13 @@ class DepthRefinementMixin:
             raise self.lightning.MisconfigurationException(
                 f"{type(self).__name__} found nothing to refine in {type(pl_module).__name__}: expected a submodule "
                 "with refine() and stage_resolutions such as lightning_cnet.ContinuousNet or lightning_cnet.ODEBlock"
+            )
+        if others := others_of_kind(self, trainer.callbacks, DepthRefinementMixin):
+            keys = ", ".join(callback.state_key for callback in [self, *others])
+            raise self.lightning.MisconfigurationException(
+                f"{type(self).__name__}: the Trainer has {len(others) + 1} refinement callbacks ({keys}); each refines "
+                "every ContinuousNet and ODEBlock of the LightningModule, so they would refine the same modules: keep "
+                "one, with the combined schedule"
             )
         pruning = [type(cb).__name__ for cb in trainer.callbacks
                    if any(cls.__name__ == "ModelPruning" for cls in type(cb).__mro__)]

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from lightning_cnet.callbacks._instances import others_of_kind, settings_state_key
 from lightning_cnet.callbacks.depth_refinement import refinable_modules
 from lightning_cnet.callbacks.quick_eval import validation_accuracy
 from lightning_cnet.integrators import get_scheme, validate_n_steps
@@ -39,6 +40,9 @@ class ManifestationMonitorMixin:
         n_steps: step counts per stage; ``None``: half, once and twice the model's current largest step count
             (which grows with refinement).
         num_batches: validation batches per rank.
+        prefix: the metrics are ``{prefix}/acc_{scheme}_{n}``, ``{prefix}/invariance_gap`` and ``{prefix}/seconds``;
+            two monitors in one Trainer need two prefixes (a second one with the same prefix is refused at
+            ``setup``, as it would write the same keys).
 
     Example:
         >>> import pytorch_lightning as pl  # doctest: +SKIP
@@ -49,14 +53,33 @@ class ManifestationMonitorMixin:
     #: The Lightning namespace of the concrete class.
     lightning: ClassVar[Namespace]
 
+    @property
+    def state_key(self) -> str:
+        """The class name, and the metric prefix when it is not the default (the monitor keeps no state; the key
+        names it in Lightning's profiler)."""
+        return settings_state_key(self, {"prefix": self.prefix}, {"prefix": "manifestation"})
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Refuse a second monitor with the same metric prefix."""
+        if clashing := [other for other in others_of_kind(self, trainer.callbacks, ManifestationMonitorMixin)
+                        if other.prefix == self.prefix]:
+            raise self.lightning.MisconfigurationException(
+                f"{type(self).__name__}(prefix={self.prefix!r}): the Trainer has {len(clashing) + 1} manifestation "
+                f"monitors logging '{self.prefix}/...', which would write the same metrics; give each its own "
+                f"prefix, e.g. {type(self).__name__}(prefix='{self.prefix}_2')"
+            )
+
     def __init__(
         self,
         every_n_epochs: int = 1,
         schemes: Sequence[str] = ("euler", "midpoint", "rk4"),
         n_steps: Sequence[int] | None = None,
         num_batches: int = 2,
+        prefix: str = "manifestation",
     ) -> None:
         super().__init__()
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(f"prefix={prefix!r} must be a non-empty string (the metrics are '{{prefix}}/...')")
         for name, value in (("every_n_epochs", every_n_epochs), ("num_batches", num_batches)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1")
@@ -68,6 +91,7 @@ class ManifestationMonitorMixin:
         self.schemes = tuple(schemes)
         self.n_steps = None if n_steps is None else tuple(n_steps)
         self.num_batches = num_batches
+        self.prefix = prefix
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
@@ -84,9 +108,9 @@ class ManifestationMonitorMixin:
                 with ExitStack() as stack:
                     for net in nets:
                         stack.enter_context(net.manifestation(scheme=scheme, n_steps=steps))
-                    accuracies[f"manifestation/acc_{scheme}_{steps}"] = validation_accuracy(
+                    accuracies[f"{self.prefix}/acc_{scheme}_{steps}"] = validation_accuracy(
                         trainer, pl_module, self.num_batches)
-        accuracies["manifestation/invariance_gap"] = max(accuracies.values()) - min(accuracies.values())
-        accuracies["manifestation/seconds"] = time.perf_counter() - start
+        accuracies[f"{self.prefix}/invariance_gap"] = max(accuracies.values()) - min(accuracies.values())
+        accuracies[f"{self.prefix}/seconds"] = time.perf_counter() - start
         for name, value in accuracies.items():
             pl_module.log(name, value, on_epoch=True, on_step=False)

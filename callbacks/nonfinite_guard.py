@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from lightning_cnet.callbacks._instances import adopt_saved_state, others_of_kind, settings_state_key
+
 if TYPE_CHECKING:
     from lightning_cnet._namespace import Namespace
 
@@ -471,10 +473,16 @@ class NonFiniteGuardMixin:
         lr_factor: multiply the learning rate by this at each rollback, in ``(0, 1]``.
         verbose: warn (rank zero) at each rollback.
 
+    One per Trainer: every guard watches the same loss and tensors, so a second one would act again on a batch the
+    first has handled (stop on the loss of a batch a rollback skipped, or roll back and lower the learning rate a
+    second time); it is refused at ``setup`` (two guards with the same settings, already by Lightning when the
+    Trainer is built, as their :attr:`state_key` is the same). The guard resumes with the state a checkpoint saved
+    under another key (written by lightning-cnet 0.2.0, or with other settings).
+
     Raises:
         ValueError: an invalid argument (at construction).
-        MisconfigurationException: ``on_nonfinite="rollback"`` under a strategy that shards parameters (at
-            ``setup``).
+        MisconfigurationException: ``on_nonfinite="rollback"`` under a strategy that shards parameters, or a second
+            guard in the Trainer (at ``setup``).
         NonFiniteError: during fit, as described above.
 
     Example:
@@ -488,6 +496,21 @@ class NonFiniteGuardMixin:
 
     #: The Lightning namespace of the concrete class.
     lightning: ClassVar[Namespace]
+
+    @property
+    def state_key(self) -> str:
+        """Where Lightning stores this guard's state: the class name, followed by the settings that differ from the
+        defaults (``"NonFiniteGuard{'on_nonfinite': 'rollback'}"``); the class name alone for a default guard."""
+        settings = {"on_nonfinite": self.on_nonfinite, "check_every_n_steps": self.check_every_n_steps,
+                    "max_rollbacks": self.max_rollbacks, "lr_factor": self.lr_factor}
+        defaults = {"on_nonfinite": "stop", "check_every_n_steps": 1, "max_rollbacks": 3, "lr_factor": 0.5}
+        return settings_state_key(self, settings, defaults)
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """Take the guard state a checkpoint saved under another key (by lightning-cnet 0.2.0, or with other
+        settings)."""
+        if (key := adopt_saved_state(self, trainer.callbacks, NonFiniteGuardMixin, checkpoint)) is not None:
+            self.lightning.rank_zero_info(f"{type(self).__name__}: restored the state saved under {key!r}")
 
     def __init__(
         self,
@@ -520,8 +543,17 @@ class NonFiniteGuardMixin:
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        """Refuse a rollback under a strategy that shards the parameters or the optimizer state."""
-        if stage != "fit" or self.on_nonfinite != "rollback":
+        """Refuse a second guard, and a rollback under a strategy that shards the parameters or the optimizer state."""
+        if stage != "fit":
+            return
+        if others := others_of_kind(self, trainer.callbacks, NonFiniteGuardMixin):
+            keys = ", ".join(guard.state_key for guard in [self, *others])
+            raise self.lightning.MisconfigurationException(
+                f"{type(self).__name__}: the Trainer has {len(others) + 1} guards ({keys}); each watches the same "
+                "loss and tensors, so a second one acts again on a batch the first has handled (it stops on the loss "
+                "of a batch a rollback skipped, or rolls back and lowers the learning rate a second time): keep one"
+            )
+        if self.on_nonfinite != "rollback":
             return
         names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
         if not names.intersection(ROLLBACK_STRATEGIES) or "FSDPStrategy" in names:

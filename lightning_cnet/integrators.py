@@ -16,6 +16,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -208,7 +210,8 @@ def rk_integrate(
     The generic loop behind every scheme: stage ``j`` of step ``i`` evaluates
     ``rate(stage_arguments[i][j], x_i + h * sum_l a[j][l] k_l)``, and the step ends with
     ``x_{i+1} = x_i + h * sum_j b_j k_j``. Zero tableau entries cost nothing; each non-zero one is one
-    fused ``add`` pass, and a combination of several terms allocates one tensor only.
+    fused ``add`` pass, and a combination of several terms allocates one tensor only (under ``torch.func``
+    transforms such as ``vmap`` one per term: the same values, added out of place).
 
     Args:
         rate: the right-hand side, called with a stage's argument (a time, or a weight lookup) and a state.
@@ -217,23 +220,31 @@ def rk_integrate(
         step_size: ``h`` (already multiplied by any constant factor of the right-hand side).
         stage_arguments: per step, one argument per stage.
     """
+    # Under torch.func transforms (vmap, grad, jvp) a slope may be batched or carry a tangent that the running sum
+    # does not (a first slope that does not depend on the mapped input): adding it in place would be refused or
+    # lose it, so every term is added out of place there.
+    in_place = not torch._C._are_functorch_transforms_active()
     for step_arguments in stage_arguments:
         slopes: list[torch.Tensor] = []
         for terms, argument in zip(tableau.stage_terms, step_arguments):
-            slopes.append(rate(argument, _combine(x, slopes, terms, step_size)))
-        x = _combine(x, slopes, tableau.final_terms, step_size)
+            slopes.append(rate(argument, _combine(x, slopes, terms, step_size, in_place)))
+        x = _combine(x, slopes, tableau.final_terms, step_size, in_place)
     return x
 
 
 def _combine(
-    x: torch.Tensor, slopes: Sequence[torch.Tensor], terms: tuple[tuple[int, float], ...], step_size: float
+    x: torch.Tensor,
+    slopes: Sequence[torch.Tensor],
+    terms: tuple[tuple[int, float], ...],
+    step_size: float,
+    in_place: bool = True,
 ) -> torch.Tensor:
     """``x + h * sum_j a_j k_j``, added left to right.
 
-    The first term makes a new tensor and the others are added to it in place: the same values as out-of-place adds
-    without an allocation per term (nothing else holds that tensor yet, so autograd needs none of its earlier
-    versions). A term that would change the dtype or shape of the sum, or a symbolic value (a ``torch.fx`` proxy,
-    whose dtype is not known while tracing), is added out of place.
+    The first term makes a new tensor and, if ``in_place``, the others are added to it in place: the same values as
+    out-of-place adds without an allocation per term (nothing else holds that tensor yet, so autograd needs none of
+    its earlier versions). A term that would change the dtype or shape of the sum, or a symbolic value (a
+    ``torch.fx`` proxy, whose dtype is not known while tracing), is added out of place.
     """
     if not terms:
         return x
@@ -241,7 +252,7 @@ def _combine(
     combined = torch.add(x, slopes[column], alpha=step_size * coefficient)
     for column, coefficient in rest:
         slope = slopes[column]
-        if _accumulates_in_place(combined, slope):
+        if in_place and _accumulates_in_place(combined, slope):
             combined.add_(slope, alpha=step_size * coefficient)
         else:
             combined = torch.add(combined, slope, alpha=step_size * coefficient)
@@ -256,29 +267,39 @@ def _accumulates_in_place(total: torch.Tensor, term: torch.Tensor) -> bool:
 def odeint_fixed(
     func: Callable[[float, torch.Tensor], torch.Tensor],
     x0: torch.Tensor,
-    t0: float,
-    t1: float,
+    t0: float | torch.Tensor,
+    t1: float | torch.Tensor,
     n_steps: int,
     scheme: str | ButcherTableau = "rk4",
 ) -> torch.Tensor:
     """Integrate ``dx/dt = func(t, x)`` from ``t0`` to ``t1`` in ``n_steps`` equal steps.
 
     A lean fixed-step ``odeint`` that returns only the final state. ``func`` receives ``t`` as a Python
-    float.
+    float. Works under ``torch.func.vmap``, ``grad`` and ``jvp`` (mapping over ``x0`` or over tensors ``func``
+    closes over).
 
     Args:
         func: right-hand side ``f(t, x)``.
         x0: state at ``t0``.
-        t0: start time.
-        t1: end time.
+        t0: start time: a number, or a one-element tensor without gradient (read once as a Python float; time is a
+            constant of the integration, so no gradient flows to it).
+        t1: end time, as ``t0``.
         n_steps: number of steps (>= 1).
         scheme: a registered scheme name or a :class:`ButcherTableau`.
+
+    Raises:
+        ValueError: ``t0`` or ``t1`` is not a finite real number or one-element tensor, or needs a gradient;
+            ``n_steps < 1``; an unknown scheme.
 
     Example:
         >>> x1 = odeint_fixed(lambda t, x: torch.full_like(x, t), torch.zeros(1), 0.0, 1.0, 1, "midpoint")
         >>> x1.item()
         0.5
+        >>> odeint_fixed(lambda t, x: torch.full_like(x, t), torch.zeros(1), torch.tensor(0.0), torch.tensor(1.0), 1,
+        ...              "midpoint").item()
+        0.5
     """
+    t0, t1 = _time(t0, "t0"), _time(t1, "t1")
     validate_n_steps(n_steps)
     tableau = get_scheme(scheme)
     step_size = (t1 - t0) / n_steps
@@ -286,14 +307,36 @@ def odeint_fixed(
     return rk_integrate(func, x0, tableau, step_size, times)
 
 
+def _time(value: float | torch.Tensor, argument: str) -> float:
+    """``value`` as a finite Python float: a real number, or a one-element real tensor that needs no gradient.
+
+    Raises:
+        ValueError: anything else, naming ``argument``.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"{argument}={value!r} is not valid: expected a number or a one-element real tensor")
+        if value.requires_grad:
+            raise ValueError(
+                f"{argument}={value!r} requires a gradient: odeint_fixed reads the time once as a Python float and "
+                f"no gradient flows to it; pass {argument}.detach() or a number"
+            )
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{argument}={value!r} is not valid: expected a finite real number or one-element tensor")
+    return float(value)
+
+
 def rk_step(
     func: Callable[[float, torch.Tensor], torch.Tensor],
     x: torch.Tensor,
-    t: float,
-    step_size: float,
+    t: float | torch.Tensor,
+    step_size: float | torch.Tensor,
     scheme: str | ButcherTableau = "rk4",
 ) -> torch.Tensor:
-    """One explicit Runge-Kutta step of ``dx/dt = func(t, x)`` from ``t`` to ``t + step_size``."""
+    """One explicit Runge-Kutta step of ``dx/dt = func(t, x)`` from ``t`` to ``t + step_size`` (times as in
+    :func:`odeint_fixed`)."""
+    t, step_size = _time(t, "t"), _time(step_size, "step_size")
     tableau = get_scheme(scheme)
     times = [[t + float(node) * step_size for node in tableau.c]]
     return rk_integrate(func, x, tableau, step_size, times)

@@ -34,6 +34,7 @@ from torch import nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.modules.batchnorm import _NormBase
 
+from lightning_cnet._scripting import evaluated_forward_annotations, scriptable_graph
 from lightning_cnet._transaction import restored_on_error
 from lightning_cnet.cost import (
     CHEAP_RESOLUTION,
@@ -90,6 +91,7 @@ class ResolutionChange:
         )
 
 
+@evaluated_forward_annotations
 class Stitch(nn.Module):
     """A downsampling pre-activation residual block between two ODE stages (not an ODE).
 
@@ -123,6 +125,7 @@ def _per_stage(value: PerStage, n_stages: int, name: str) -> list[Any]:
     return values
 
 
+@evaluated_forward_annotations
 class ContinuousNet(nn.Module):
     """A continuous-in-depth ResNet for image classification.
 
@@ -234,6 +237,13 @@ class ContinuousNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def __prepare_scriptable__(self) -> torch.fx.GraphModule:
+        """What ``torch.jit.script(model)`` compiles: the model's ``torch.fx`` graph at its current manifestation
+        (:func:`~lightning_cnet._scripting.scriptable_graph`). The scripted module computes ``forward`` only; it
+        shares this model's parameters. Scripting a module that holds a ContinuousNet replaces it there by that
+        graph (torch's ``__prepare_scriptable__`` protocol): script a ``copy.deepcopy`` to keep yours eager."""
+        return scriptable_graph(self)
 
     def get_classifier(self) -> nn.Module:
         """The final linear layer."""

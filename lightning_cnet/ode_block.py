@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
+from lightning_cnet._scripting import evaluated_forward_annotations, scriptable_graph
 from lightning_cnet.bases import Basis, NodeWeights, get_basis
 from lightning_cnet.cost import (
     CHEAP_RESOLUTION,
@@ -130,6 +131,7 @@ def _clone(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return None if tensor is None else tensor.clone()
 
 
+@evaluated_forward_annotations
 class ODEBlock(nn.Module):
     """A ContinuousNet stage of constant width: an ODE in depth whose right-hand side is a residual unit.
 
@@ -433,6 +435,12 @@ class ODEBlock(nn.Module):
                 x = checkpoint(self._step, x, step_plan, use_reentrant=False, **options)
             return x
         return rk_integrate(self._rate, x, self.tableau, self.T / self.n_steps, self._plan)
+
+    def __prepare_scriptable__(self) -> torch.fx.GraphModule:
+        """What ``torch.jit.script(block)`` compiles: the block's ``torch.fx`` graph at its current manifestation
+        (see :meth:`ContinuousNet.__prepare_scriptable__ <lightning_cnet.models.ContinuousNet.__prepare_scriptable__>`
+        )."""
+        return scriptable_graph(self)
 
     def extra_repr(self) -> str:
         r = self.resolution

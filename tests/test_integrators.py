@@ -159,3 +159,83 @@ def test_unknown_scheme_lists_the_known_ones() -> None:
 def test_invalid_step_count_is_rejected(n_steps) -> None:
     with pytest.raises(ValueError, match="n_steps=.* expected an integer >= 1"):
         odeint_fixed(lambda t, x: x, torch.ones(1), 0.0, 1.0, n_steps, "euler")
+
+
+# ---------------------------------------------------------------------- times given as tensors
+def test_one_element_tensor_times_give_the_same_result_as_numbers() -> None:
+    x0 = torch.tensor([0.3, -1.2], dtype=torch.float64)
+    func = PROBLEMS["t_x_squared"][0]
+    expected = odeint_fixed(func, x0, 0.5, 1.5, 4, "rk4")
+    for t0, t1 in ((torch.tensor(0.5), torch.tensor(1.5)), (torch.tensor([0.5]), 1.5),
+                   (0.5, torch.tensor(1.5, dtype=torch.float64))):
+        torch.testing.assert_close(odeint_fixed(func, x0, t0, t1, 4, "rk4"), expected, rtol=0, atol=0)
+    torch.testing.assert_close(rk_step(func, x0, torch.tensor(0.5), torch.tensor(1.0)), rk_step(func, x0, 0.5, 1.0),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("argument", ["t0", "t1"])
+@pytest.mark.parametrize(("value", "message"), [
+    (torch.tensor([0.0, 1.0]), "expected a number or a one-element real tensor"),
+    (torch.tensor(1.0, requires_grad=True), r"requires a gradient: .*pass t\d.detach\(\) or a number"),
+    (torch.tensor(True), "expected a number or a one-element real tensor"),
+    (float("nan"), "expected a finite real number"),
+    ("1", "expected a finite real number"),
+])
+def test_invalid_times_are_refused_naming_the_argument(argument: str, value, message: str) -> None:
+    times = {"t0": 0.0, "t1": 1.0, argument: value}
+    with pytest.raises(ValueError, match=f"^{argument}=.*{message}"):
+        odeint_fixed(lambda t, x: -x, torch.ones(1), times["t0"], times["t1"], 2, "rk4")
+
+
+# ---------------------------------------------------------------------- under torch.func transforms
+def _out_of_place_solution(func, x0: torch.Tensor, t0: float, t1: float, n_steps: int, scheme: str) -> torch.Tensor:
+    """The Runge-Kutta recurrence written out from the tableau, one out-of-place tensor per term."""
+    tableau = get_scheme(scheme)
+    h = (t1 - t0) / n_steps
+    x = x0
+    for step in range(n_steps):
+        slopes = []
+        for row, node in zip(tableau.a, tableau.c):
+            stage = x
+            for a_jl, k_l in zip(row, slopes):
+                if a_jl:
+                    stage = stage + (h * a_jl) * k_l
+            slopes.append(func(t0 + (step + float(node)) * h, stage))
+        for b_j, k_j in zip(tableau.b, slopes):
+            if b_j:
+                x = x + (h * b_j) * k_j
+    return x
+
+
+def _field(rate: torch.Tensor, t0: float):
+    """``x' = -x`` at ``t0`` (a slope that ignores ``rate``), ``x' = -rate * x * t`` after."""
+    return lambda t, x: -x if t == t0 else -rate * x * t
+
+
+@pytest.mark.parametrize("scheme", sorted(ORDERS.keys() - {"ralston"}))
+def test_vmap_over_a_parameter_equals_the_out_of_place_sum(scheme: str) -> None:
+    # x0 is not mapped and the first slope does not read the mapped rate: the first terms of every combination of
+    # the first step are plain tensors, the later ones batched.
+    rates = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    x0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    mapped = torch.func.vmap(lambda rate: odeint_fixed(_field(rate, 0.0), x0, 0.0, 1.0, 3, scheme))(rates)
+    expected = torch.stack([_out_of_place_solution(_field(rate, 0.0), x0, 0.0, 1.0, 3, scheme) for rate in rates])
+    torch.testing.assert_close(mapped, expected, rtol=1e-14, atol=0)
+    assert not torch.equal(expected[0], expected[2])  # the mapped rate matters
+
+
+@pytest.mark.parametrize("scheme", sorted(ORDERS.keys() - {"ralston"}))
+def test_vmap_over_the_initial_state_and_grad_equal_the_out_of_place_sum(scheme: str) -> None:
+    x0 = torch.tensor([[1.0, -2.0], [0.5, 3.0], [0.0, 1.0]], dtype=torch.float64)
+    rate = torch.tensor(1.5, dtype=torch.float64)
+    mapped = torch.func.vmap(lambda x: odeint_fixed(_field(rate, 0.0), x, 0.0, 1.0, 3, scheme))(x0)
+    expected = _out_of_place_solution(_field(rate, 0.0), x0, 0.0, 1.0, 3, scheme)
+    torch.testing.assert_close(mapped, expected, rtol=1e-14, atol=0)
+
+    def final_sum(r: torch.Tensor, solve) -> torch.Tensor:
+        return solve(_field(r, 0.0), x0[0], 0.0, 1.0, 3, scheme).sum()
+
+    gradient = torch.func.grad(final_sum)(rate, odeint_fixed)
+    reference_rate = rate.clone().requires_grad_()
+    (by_hand,) = torch.autograd.grad(final_sum(reference_rate, _out_of_place_solution), reference_rate)
+    torch.testing.assert_close(gradient, by_hand, rtol=1e-13, atol=0)

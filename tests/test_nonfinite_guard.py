@@ -148,7 +148,7 @@ def test_rollback_under_a_sharding_strategy_is_refused_at_setup():
         pass
 
     FakeFSDPStrategy.__name__ = "FSDPStrategy"
-    trainer = type("T", (), {"strategy": FakeFSDPStrategy()})()
+    trainer = type("T", (), {"strategy": FakeFSDPStrategy(), "callbacks": []})()
     with pytest.raises(MisconfigurationException, match="does not support strategy FSDPStrategy"):
         NonFiniteGuard("rollback").setup(trainer, None, "fit")
     NonFiniteGuard("stop").setup(trainer, None, "fit")  # stopping works under any strategy

@@ -394,7 +394,7 @@ def test_checkpoint_loads_with_load_from_checkpoint_and_load_state_dict(uninterr
     fresh = make_task(optimizer="adamw")
     fresh.load_state_dict(checkpoint["state_dict"])
     _assert_identical(_final_state(fresh), uninterrupted.state)
-    saved = checkpoint["callbacks"]["DepthRefinementCallback"]
+    saved = checkpoint["callbacks"]["DepthRefinementCallback{'refine_at': [1, 2]}"]
     assert [e["epoch"] for e in saved["history"]] == [1, 2] and saved["base_n_steps"] == [[1, 1, 1]]
     restored = DepthRefinementCallback([1, 2])
     restored.load_state_dict(saved)

@@ -54,7 +54,7 @@ def test_yaml_callback_refines_and_resumes_with_ckpt_path(tmp_path):
                    str(tmp_path / "resumed"), cwd=tmp_path)
     resumed = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert resumed["epoch"] == 2 and conv_pieces(resumed) == 4
-    history = resumed["callbacks"]["DepthRefinementCallback"]["history"]
+    history = resumed["callbacks"]["DepthRefinementCallback{'refine_at': [1, 2]}"]["history"]
     assert [entry["epoch"] for entry in history] == [1, 2]
     # the optimizer saved at the end trains one tensor per model parameter, with matching momentum shapes
     parameters = [v for k, v in resumed["state_dict"].items() if not k.endswith(("running_mean", "running_var",
