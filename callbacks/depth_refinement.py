@@ -159,6 +159,9 @@ class DepthRefinementMixin:
         MisconfigurationException: at ``setup``: an unsupported strategy, a model with nothing refinable,
             pruning (Lightning's ``ModelPruning`` callback, or ``torch.nn.utils.prune`` hooks in the model),
             fractions without ``max_epochs``, a second refinement callback in the Trainer.
+        ResolutionCostError: at ``setup`` (a ``ValueError``): the resolution after the last scheduled refinement is
+            beyond the bounds of :mod:`lightning_cnet.cost` or, with its training activations at the data module's
+            batch (``batch_size``, ``in_chans``, ``image_size``), does not fit in the device's memory.
 
     One per Trainer: every refinement callback refines every ContinuousNet and ODEBlock of the LightningModule and
     reads its level from their step counts, so a second one is refused at ``setup`` (give one callback the combined
@@ -297,7 +300,7 @@ class DepthRefinementMixin:
             check = getattr(net, "check_refine", None)
             if refinements and callable(check):
                 try:
-                    check(refinements, training=True, batch_shape=shape)
+                    check(refinements, training=True, batch_shape=shape, device=trainer.strategy.root_device)
                 except TypeError:  # a refinable module whose check takes the count only
                     check(refinements)
 

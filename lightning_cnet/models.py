@@ -513,7 +513,7 @@ class ContinuousNet(nn.Module):
         return self._report(changes, parameters_before)
 
     def check_refine(self, refinements: int = 1, *, training: bool = False,
-                     batch_shape: Sequence[int] | None = None) -> None:
+                     batch_shape: Sequence[int] | None = None, device: torch.device | str | None = None) -> None:
         """Raise :class:`~lightning_cnet.cost.ResolutionCostError` (a ``ValueError``) if ``refinements`` more
         refinements would take a stage beyond the bounds of :mod:`lightning_cnet.cost` or the model beyond the memory
         available; warn if its forward pass would be very slow.
@@ -523,6 +523,7 @@ class ContinuousNet(nn.Module):
             training: count gradients, optimizer state and (with ``batch_shape``) the activations of a training
                 step at the refined step count.
             batch_shape: the training batch ``[B, C, H, W]``.
+            device: where the memory is needed (default: where the model's weights are).
         """
         cost = estimate_cost(self, refinements=refinements, batch_shape=batch_shape, training=training)
         steps = "-".join(str(stage.n_steps) for stage in cost.stages)
@@ -531,7 +532,7 @@ class ContinuousNet(nn.Module):
             return f"about {max(refinements + math.floor(math.log2(share)), 0)} refinement(s) would fit"
 
         what = f"{refinements} refinement(s) ahead (to n_steps {steps}{', training' if training else ''})"
-        check_cost(cost, what=what, device=self.stem.weight.device, fits=fits)
+        check_cost(cost, what=what, device=self.stem.weight.device if device is None else device, fits=fits)
 
     def compress(self, *, n_basis: PerStage = None, n_steps: PerStage = None) -> ResolutionChange:
         """Project every stage onto fewer basis coefficients and/or integrate with fewer steps, in place.
