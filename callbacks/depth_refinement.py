@@ -46,6 +46,7 @@ from lightning_cnet.callbacks.optimizer_surgery import (
     replace_parameters,
     stale_parameters,
 )
+from lightning_cnet.cost import training_batch_shape
 from lightning_cnet.layers import ParameterChange
 from lightning_cnet.ode_block import check_noise_std
 from lightning_cnet.recalibration import recalibrate_bn
@@ -172,6 +173,9 @@ class DepthRefinementMixin:
             ``recalibrate_bn`` with a module that has no ``forward``,
             pruning (Lightning's ``ModelPruning`` callback, or ``torch.nn.utils.prune`` hooks in the model),
             fractions without ``max_epochs``, a second refinement callback in the Trainer.
+        ResolutionCostError: at ``setup`` (a ``ValueError``): the resolution after the last scheduled refinement is
+            beyond the bounds of :mod:`lightning_cnet.cost` or, with its training activations at the data module's
+            batch (``batch_size``, ``in_chans``, ``image_size``), does not fit in the device's memory.
 
     One per Trainer: every refinement callback refines every ContinuousNet and ODEBlock of the LightningModule and
     reads its level from their step counts, so a second one is refused at ``setup`` (give one callback the combined
@@ -307,9 +311,26 @@ class DepthRefinementMixin:
                 f"{type(self).__name__} recorded {len(self.base_n_steps)} refinable models but "
                 f"{type(pl_module).__name__} has {len(nets)}"
             )
+        self._check_cost(trainer, nets)
         epochs = self.schedule.epochs
         if epochs and trainer.max_epochs is not None and trainer.max_epochs > 0 and epochs[-1] >= trainer.max_epochs:
             self.lightning.rank_zero_warn(f"refine_at={epochs} reaches past max_epochs={trainer.max_epochs}: later epochs never run")
+
+    def _check_cost(self, trainer: Any, nets: list[nn.Module]) -> None:
+        """Refuse a schedule whose last refinement would not fit (see :mod:`lightning_cnet.cost`), before training."""
+        last_epoch = trainer.max_epochs - 1 if trainer.max_epochs is not None and trainer.max_epochs > 0 else (
+            self.schedule.epochs[-1] if self.schedule.epochs else None)
+        if last_epoch is None:
+            return  # a callable schedule without max_epochs: each refinement checks itself
+        refinements = self.schedule.target_level(last_epoch, cap=self._cap_level())
+        shape = training_batch_shape(getattr(trainer, "datamodule", None))
+        for net in nets:
+            check = getattr(net, "check_refine", None)
+            if refinements and callable(check):
+                try:
+                    check(refinements, training=True, batch_shape=shape, device=trainer.strategy.root_device)
+                except TypeError:  # a refinable module whose check takes the count only
+                    check(refinements)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Check that the optimizers train the model's parameters.

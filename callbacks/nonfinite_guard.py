@@ -440,8 +440,9 @@ class NonFiniteGuardMixin:
       learning rate by ``lr_factor`` (each param group's ``lr`` and ``initial_lr`` and each scheduler's
       ``base_lrs``/``_last_lr``, so the schedule continues from the lower rate), drop the gradients and carry on
       with the next batch: the bad batch is skipped. After ``max_rollbacks`` rollbacks the next one stops as
-      above. The rollbacks are kept in :attr:`rollbacks` and in checkpoints. Values the bad batch logged (its
-      ``train_loss``) stay in the epoch's aggregates. Only single-device and DDP strategies are supported.
+      above, after restoring the last good state (the module and optimizer in memory are finite, for whoever
+      catches the error). The rollbacks are kept in :attr:`rollbacks` and in checkpoints. Values the bad batch
+      logged (its ``train_loss``) stay in the epoch's aggregates. Only single-device and DDP strategies are supported.
 
     Rollback memory: the guard keeps a snapshot, one copy of the model's parameters and buffers and of the
     optimizer state (with SGD and momentum about twice the parameter memory, with Adam three times), refreshed
@@ -642,7 +643,13 @@ class NonFiniteGuardMixin:
         if self.on_nonfinite == "rollback" and len(self.rollbacks) < self.max_rollbacks and self._snapshot is not None:
             self._roll_back(trainer, pl_module, found, where)
             return
-        raise self._error(trainer, pl_module, found, where)
+        restored = None
+        if self.on_nonfinite == "rollback" and self._snapshot is not None:  # no rollback left: stop, but on good state
+            self._snapshot.restore()
+            for param in pl_module.parameters():
+                param.grad = None
+            restored = self._snapshot_step
+        raise self._error(trainer, pl_module, found, where, restored_step=restored)
 
     def _watch(self, trainer: Any, pl_module: Any, force: bool) -> None:
         """Re-gather the watched tensors when needed; drop a snapshot that no longer matches the tensors."""
@@ -715,7 +722,7 @@ class NonFiniteGuardMixin:
         return "non-finite " + ", ".join(part(category, *found[category]) for category in found)
 
     def _error(self, trainer: Any, pl_module: Any, found: Findings, where: str, *,
-               checkpoint: bool = False) -> NonFiniteError:
+               checkpoint: bool = False, restored_step: int | None = None) -> NonFiniteError:
         lines = [f"{type(self).__name__} stopped training at epoch {trainer.current_epoch}, global step "
                  f"{trainer.global_step} ({where}): {self._findings(found)}"]
         lines.append(f"resolution: {describe_resolution(pl_module)}")
@@ -724,6 +731,9 @@ class NonFiniteGuardMixin:
             lines.append(refinement)
         if self.on_nonfinite == "rollback":
             lines.append(f"after {len(self.rollbacks)} rollbacks (max_rollbacks={self.max_rollbacks})")
+        if restored_step is not None:
+            lines.append(f"the model and optimizer hold the state of global step {restored_step} again (the last "
+                         "that passed a check)")
         if not checkpoint:
             lines.append("no checkpoint was written from this state")
         remedies = ["lower the learning rate"]

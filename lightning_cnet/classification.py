@@ -16,6 +16,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_cnet._validation import TRAINING_RANGES, check_ranges
 from lightning_cnet.batches import model_input
 from lightning_cnet.task import BackboneTask
 
@@ -73,6 +74,7 @@ class ClassificationTask(BackboneTask):
         recompute_steps: bool | None = None,
         **kwargs: Any,
     ) -> None:
+        check_ranges(TRAINING_RANGES, {"label_smoothing": label_smoothing})
         flat = {"scheme": scheme, "n_steps": n_steps, "n_basis": n_basis, "basis": basis, "T": T, "unit": unit,
                 "unit_kwargs": unit_kwargs, "skip_init": skip_init, "recompute_steps": recompute_steps}
         merged = {**(model_kwargs or {}), **{name: value for name, value in flat.items() if value is not None}}

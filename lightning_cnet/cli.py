@@ -27,9 +27,12 @@ from __future__ import annotations
 import ast
 import csv
 import difflib
+import errno
 import inspect
+import os
 import re
 import shutil
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -44,14 +47,20 @@ import torch
 import yaml
 from torch.optim import Optimizer
 from pytorch_lightning.callbacks import BasePredictionWriter, Callback, ModelCheckpoint, ProgressBar, RichProgressBar
+from pytorch_lightning.plugins.io import CheckpointIO, TorchCheckpointIO
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from lightning_cnet import __version__
+from lightning_cnet._atomic import is_local, os_error_in
+from lightning_cnet._validation import TRAINER_RANGES, check_ranges
 from lightning_cnet.callbacks import refinable_modules
+from lightning_cnet.checkpoint_io import AtomicCheckpointIO
 from lightning_cnet.classification import ClassificationTask
+from lightning_cnet.cost import check_cost, estimate_cost, training_batch_shape
 from lightning_cnet.data import DatasetNotFoundError
+from lightning_cnet.models import ContinuousNet
 
 PROG = "lightning-cnet"
 DEFAULT_MODEL = "lightning_cnet.module.ContinuousNetClassifier"
@@ -65,6 +74,18 @@ MANIFESTATION_OPTIONS = ("model", "scheme", "n_steps")
 
 class UsageError(Exception):
     """A mistake in the command line, the config or the files it names; reported as one line."""
+
+
+class Interrupted(Exception):
+    """The run was stopped by a signal after its checkpoints were made safe; reported as one line.
+
+    Attributes:
+        status: the exit status (``128 + signal number``: 143 for SIGTERM).
+    """
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class _Parser(LightningArgumentParser):
@@ -182,11 +203,6 @@ class ContinuousNetCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.mode": None})  # not given: the model's own (see checkpoint_defaults)
 
-    def before_instantiate_classes(self) -> None:
-        """Fill the checkpoint's monitor from the model class (see :func:`checkpoint_defaults`)."""
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        checkpoint_defaults(config)
-
     def _parse_ckpt_path(self) -> None:
         """Check the ``--ckpt_path`` file and the explicit model options against it before LightningCLI reads its
         hyperparameters into the config (which would silently replace the explicit options)."""
@@ -198,6 +214,17 @@ class ContinuousNetCLI(LightningCLI):
                 subcommand, stored, self._explicit_model_options, self._command_line_model_options
             )
         super()._parse_ckpt_path()
+
+    def before_instantiate_classes(self) -> None:
+        """Check the Trainer values that Lightning accepts when it is built but fails on during the run (a negative
+        ``min_epochs``, ``accumulate_grad_batches=0``, ...), before anything is built or written; fill the
+        checkpoint's monitor from the model class (see :func:`checkpoint_defaults`)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        try:
+            check_ranges(TRAINER_RANGES, dict((config.get("trainer") or {}).items()), prefix="trainer.")
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        checkpoint_defaults(config)
 
     def after_instantiate_classes(self) -> None:
         """Reject a ``num_classes``/``in_chans`` given for the model that differs from the data's."""
@@ -244,16 +271,55 @@ class ContinuousNetCLI(LightningCLI):
         if (self.subcommand == "predict" and isinstance(self.model, ClassificationTask)
                 and not any(isinstance(cb, BasePredictionWriter) for cb in configured)):
             callbacks = [*callbacks, PredictionCSVWriter()]
-        return super()._instantiate_trainer(config, callbacks)
+        try:
+            trainer = super()._instantiate_trainer(config, callbacks)
+        except (MisconfigurationException, ValueError) as error:  # Lightning's checks of the Trainer's arguments
+            raise UsageError(f"trainer: {one_line(error)}") from None
+        plugins = config.get("plugins") or []
+        chosen = any(isinstance(p, CheckpointIO) for p in (plugins if isinstance(plugins, list) else [plugins]))
+        if not chosen and type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # plugins given without one
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    def _check_cost(self, subcommand: str) -> None:
+        """Estimate what the run costs before it starts (:mod:`lightning_cnet.cost`): ``fit`` trains the model at its
+        step count (weights, gradients, optimizer state and the activations of a batch of the data, measured), the
+        evaluations run at the step count asked of a checkpoint; refuse what does not fit, warn about what is very
+        slow. A refinement schedule is checked by its callback at setup."""
+        device = self.trainer.strategy.root_device
+        requested = self._requested_manifestation
+        for net in refinable_modules(self.model):
+            if subcommand == "fit":
+                shape = training_batch_shape(self.datamodule) if isinstance(net, ContinuousNet) else None
+                estimate = estimate_cost(net, batch_shape=shape, training=True)
+                steps = "-".join(str(stage.n_steps) for stage in estimate.stages)
+                check_cost(estimate, what=f"training (n_steps {steps})", device=device,
+                           fits=lambda share: f"{share:.0%} of it fits: lower batch_size or n_steps, or "
+                                              "recompute_steps=True")
+            elif requested.get("n_steps") is not None:
+                estimate = estimate_cost(net, n_steps=requested["n_steps"], scheme=requested.get("scheme"))
+                check_cost(estimate, what=f"evaluating at n_steps={requested['n_steps']}", device=device)
 
     def _run_subcommand(self, subcommand: str) -> None:
-        new_directories = _directories_to_be_created(self.trainer)
+        """Run with the run's folders claimed: those this run creates are its own (removed again, unless they hold a
+        checkpoint, when it fails on bad input), all are locked against a second run, and a fit into a folder that
+        already holds checkpoints must resume (``--ckpt_path``); SIGTERM ends the run with status 143 after the
+        checkpoints it finished are safe."""
+        self._check_cost(subcommand)
+        folders = _run_folders(self.trainer, fit=subcommand == "fit")
+        claim = _claim(folders) if rank_zero_only.rank == 0 else _Claim([], [], [])
         try:
+            if subcommand == "fit":
+                _refuse_used_checkpoint_folders(self.trainer, self.config[subcommand].get("ckpt_path"))
             super()._run_subcommand(subcommand)
+        except SIGTERMException:
+            raise Interrupted(_stopped_by_signal(self.trainer, "SIGTERM"), 128 + signal.SIGTERM) from None
         except BaseException as err:
             if is_user_error(err):
-                _remove_unfinished(new_directories)
+                _remove_unfinished(claim.created, claim.folders)
             raise
+        finally:
+            claim.release()
 
 
 def checkpoint_defaults(config: Any) -> None:
@@ -330,13 +396,16 @@ def _optimizers_in(value: Any) -> Iterator[Optimizer]:
 
 def default_trainer_settings() -> dict[str, Any]:
     """Trainer defaults of the CLI: a TensorBoard logger when ``tensorboard`` is installed, else a CSV logger,
-    writing to ``lightning_logs/<name>/version_<n>`` (configs set ``trainer.logger.init_args.name``)."""
+    writing to ``lightning_logs/<name>/version_<n>`` (configs set ``trainer.logger.init_args.name``), and
+    checkpoints written atomically (:class:`~lightning_cnet.checkpoint_io.AtomicCheckpointIO`: a full disk or a
+    crash mid-write leaves the previous checkpoint intact)."""
     logger = "TensorBoardLogger" if find_spec("tensorboard") is not None else "CSVLogger"
     return {
         "logger": {
             "class_path": f"pytorch_lightning.loggers.{logger}",
             "init_args": {"save_dir": "lightning_logs", "name": "default"},
-        }
+        },
+        "plugins": [{"class_path": "lightning_cnet.checkpoint_io.AtomicCheckpointIO"}],
     }
 
 
@@ -534,6 +603,9 @@ def read_checkpoint(path: str) -> dict[str, Any]:
         UsageError: a missing, unreadable, truncated or non-Lightning file, named with its problem.
     """
     file = Path(path)
+    if file.is_dir():
+        raise UsageError(f"{path}: is a folder, not a checkpoint file (a run keeps them in checkpoints/, e.g. "
+                         "checkpoints/last.ckpt)")
     if not file.is_file():
         raise UsageError(f"{path}: no such checkpoint file")
     try:
@@ -649,25 +721,157 @@ def _literal(value: str) -> Any:
         return value
 
 
-# ---------------------------------------------------------------------- cleaning up after a failed run
-def _directories_to_be_created(trainer: pl.Trainer) -> list[Path]:
-    """Directories this run would write to that do not exist yet, deepest first."""
-    candidates = [trainer.log_dir] if trainer.log_dir else []
-    candidates += [cb.dirpath for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
-    created: list[Path] = []
-    for candidate in candidates:
-        path = Path(candidate).absolute()
-        while not path.exists() and path not in created:
-            created.append(path)
+# ---------------------------------------------------------------------- run folders
+class _Claim:
+    """The folders a run writes to, those of them (and above them) it created, and its locks on them."""
+
+    def __init__(self, folders: list[Path], created: list[Path], locks: list[int]) -> None:
+        self.folders = folders
+        self.created = created
+        self.locks = locks
+
+    def release(self) -> None:
+        for descriptor in self.locks:
+            os.close(descriptor)  # closing the descriptor releases its lock
+        self.locks = []
+
+
+def _checkpoint_folder(callback: ModelCheckpoint, trainer: pl.Trainer) -> str:
+    """Where a ModelCheckpoint writes: its ``dirpath``, or the folder Lightning derives from the first logger (as
+    ``ModelCheckpoint`` does at setup); a string, so that a URL keeps its ``//``."""
+    if callback.dirpath is not None:
+        return str(callback.dirpath)
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        save_dir = logger.save_dir if logger.save_dir is not None else trainer.default_root_dir
+        version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+        return os.path.join(str(save_dir), str(logger.name), version, "checkpoints")
+    return os.path.join(str(trainer.default_root_dir), "checkpoints")
+
+
+def _run_folders(trainer: pl.Trainer, *, fit: bool) -> list[Path]:
+    """The local folders a run writes into: its log folder, and in ``fit`` its checkpoint folders (remote ones, such
+    as ``s3://...``, are neither created nor locked)."""
+    folders = [trainer.log_dir] if trainer.log_dir else []
+    if fit:
+        folders += [_checkpoint_folder(cb, trainer) for cb in trainer.checkpoint_callbacks]
+    return list(dict.fromkeys(Path(folder).absolute() for folder in folders if is_local(folder)))
+
+
+def _directories_to_be_created(folders: Sequence[Path]) -> list[Path]:
+    """The folders among ``folders`` and above them that do not exist yet, parents first."""
+    missing: list[Path] = []
+    for folder in folders:
+        path, chain = Path(folder).absolute(), []
+        while not path.exists() and path not in missing and path not in chain:
+            chain.append(path)
             path = path.parent
-    return created
+        missing += reversed(chain)
+    return missing
 
 
-def _remove_unfinished(directories: list[Path]) -> None:
-    """Remove the directories a failed run created, unless it already saved a checkpoint there."""
-    for directory in directories:
-        if directory.is_dir() and not any(directory.rglob("*.ckpt")):
-            shutil.rmtree(directory, ignore_errors=True)
+def _claim(folders: list[Path]) -> _Claim:
+    """Create the run's missing folders (what this call creates is the run's own: another process creating the same
+    folder first makes it not ours) and lock each folder; a folder locked by another run is refused.
+
+    Raises:
+        UsageError: a folder cannot be created, or another lightning-cnet run is writing to one of them (of what this
+            call created, only folders still empty are removed then).
+    """
+    created = []
+    for directory in _directories_to_be_created(folders):
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as error:
+            _remove_unfinished(created, [])
+            raise UsageError(f"{_shown(directory)}: cannot create the run's folder ({error.strerror})") from None
+        created.append(directory)
+    claim = _Claim(folders, created, [])
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory locks
+        return claim
+    for folder in folders:
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            claim.release()
+            for directory in reversed(created):  # only if still empty: the other run may be about to use them
+                try:
+                    directory.rmdir()
+                except OSError:
+                    pass
+            raise UsageError(f"{_shown(folder)} is in use by another lightning-cnet run: wait for it to end, or give "
+                             "this run its own folder (--trainer.logger.init_args.version, --checkpoint.dirpath)"
+                             ) from None
+        claim.locks.append(descriptor)
+    return claim
+
+
+def _refuse_used_checkpoint_folders(trainer: pl.Trainer, ckpt_path: str | None) -> None:
+    """A fit that does not resume must not write into a checkpoint folder that holds another run's checkpoints
+    (``last.ckpt`` would be replaced, best checkpoints mixed).
+
+    Raises:
+        UsageError: such a folder, unless the fit resumes (``--ckpt_path``, or Lightning's SLURM ``hpc_ckpt``).
+    """
+    if ckpt_path or getattr(trainer._checkpoint_connector, "_hpc_resume_path", None):
+        return
+    for callback in trainer.checkpoint_callbacks:
+        if not is_local(_checkpoint_folder(callback, trainer)):
+            continue
+        folder = Path(_checkpoint_folder(callback, trainer))
+        found = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+        if found:
+            resume = folder / "last.ckpt" if (folder / "last.ckpt").is_file() else found[-1]
+            raise UsageError(f"{_shown(folder)} already holds checkpoints of another run: resume it with --ckpt_path "
+                             f"{_shown(resume)}, or give this run its own folder (--checkpoint.dirpath)")
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it lies inside it (shorter messages), else absolute."""
+    relative = os.path.relpath(Path(path).absolute())
+    return str(Path(path).absolute()) if relative.startswith("..") else relative
+
+
+def _remove_unfinished(created: Sequence[Path], folders: Sequence[Path]) -> None:
+    """After a failure on bad input, remove what the run created and nothing else: its own run folders (unless it
+    saved a checkpoint there), then the folders it created above them if they are empty (another run may have put
+    its own folder inside)."""
+    run_folders = {Path(folder).absolute() for folder in folders}
+    for directory in reversed(list(created)):
+        if not directory.is_dir():
+            continue
+        if directory in run_folders:
+            if not any(directory.rglob("*.ckpt")):
+                shutil.rmtree(directory, ignore_errors=True)
+        else:
+            try:
+                directory.rmdir()
+            except OSError:  # not empty: someone else's files are inside
+                pass
+
+
+def _stopped_by_signal(trainer: pl.Trainer, name: str) -> str:
+    """One line: where a run stopped by a signal stopped, and the checkpoint to resume from."""
+    where = f"stopped by {name} at epoch {trainer.current_epoch}, global step {trainer.global_step}"
+    last = [Path(_checkpoint_folder(cb, trainer)) / "last.ckpt" for cb in trainer.checkpoint_callbacks
+            if isinstance(cb, LastCheckpoint)]
+    saved = [path for path in last if path.is_file()]
+    if not saved:
+        return f"{where}; no epoch had finished, so there is no checkpoint to resume from"
+    return f"{where}; resume from the end of the last finished epoch with --ckpt_path {_shown(saved[0])}"
+
+
+def _is_full_disk(err: BaseException) -> bool:
+    """Whether ``err`` is (or was caused by) a write that the file system refused for lack of space or a read-only
+    mount."""
+    cause = os_error_in(err)
+    return cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
 # ---------------------------------------------------------------------- entry point
@@ -677,11 +881,18 @@ def main(args: Sequence[str] | None = None) -> None:
     Args:
         args: the arguments after the program name (default: ``sys.argv[1:]``).
     """
+    prefix = f"{PROG}: error: "
     try:
         ContinuousNetCLI(args)
+    except Interrupted as stop:
+        sys.stderr.write(f"{PROG}: {stop}\n")
+        raise SystemExit(stop.status) from None
     except Exception as err:  # noqa: BLE001 - only user errors are reported; the rest is re-raised
+        if _is_full_disk(err):
+            sys.stderr.write(f"{prefix}{one_line(err, 160 - len(prefix))}; the checkpoints written before are "
+                             "intact\n")
+            raise SystemExit(1) from None
         if not is_user_error(err):
             raise
-        prefix = f"{PROG}: error: "
         sys.stderr.write(f"{prefix}{one_line(err, 200 - len(prefix))}\n")
         raise SystemExit(2) from None

@@ -21,6 +21,9 @@ L = _LIGHTNING.module
 from lightning_cnet.callbacks.depth_refinement import DepthRefinementMixin  # noqa: E402
 from lightning_cnet.callbacks.manifestation_monitor import ManifestationMonitorMixin  # noqa: E402
 from lightning_cnet.callbacks.nonfinite_guard import NonFiniteError, NonFiniteGuardMixin  # noqa: E402
+from lightning.fabric.plugins import TorchCheckpointIO  # noqa: E402
+
+from lightning_cnet._atomic import AtomicCheckpointIOMixin  # noqa: E402
 from lightning_cnet.classification import ClassificationTask  # noqa: E402
 from lightning_cnet.segmentation import SegmentationTask  # noqa: E402
 from lightning_cnet.data._lightning import (  # noqa: E402
@@ -58,7 +61,12 @@ class NonFiniteGuard(NonFiniteGuardMixin, L.Callback):
     lightning = _LIGHTNING
 
 
+class AtomicCheckpointIO(AtomicCheckpointIOMixin, TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` whose local writes are atomic (see :mod:`lightning_cnet.checkpoint_io`)."""
+
+
 __all__ = [
+    "AtomicCheckpointIO",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "ContinuousNetClassifier",

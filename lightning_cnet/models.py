@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,6 +36,17 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from lightning_cnet._scripting import evaluated_forward_annotations, scriptable_graph
 from lightning_cnet._transaction import restored_on_error
+from lightning_cnet.cost import (
+    CHEAP_RESOLUTION,
+    Cost,
+    StageCost,
+    check_cost,
+    check_piece_count,
+    check_step_count,
+    estimate_cost,
+    scaled,
+    unit_piece_bytes,
+)
 from lightning_cnet.integrators import get_scheme, validate_n_steps
 from lightning_cnet.layers import ParameterChange, TimeGate, TimeLayerNorm
 from lightning_cnet.ode_block import BlockChange, ODEBlock, StageResolution, check_noise_std
@@ -166,6 +178,7 @@ class ContinuousNet(nn.Module):
             validate_n_steps(n)
         pieces = [s if k is None else k for s, k in zip(steps, _per_stage(n_basis, len(widths), "n_basis"))]
         depths = _per_stage(T, len(widths), "T")
+        _check_model_size(widths, steps, pieces, scheme, unit, unit_kwargs, skip_init, tied=n_basis is None)
         self.stem = nn.Conv2d(in_chans, widths[0], 3, padding=1, bias=False)
         self.stages = nn.ModuleList(
             ODEBlock(
@@ -425,14 +438,22 @@ class ContinuousNet(nn.Module):
             n_steps: one step count, or one per stage.
 
         Raises:
-            ValueError: an unknown scheme or an invalid step count; no stage is changed.
+            ValueError: an unknown scheme or an invalid step count (one above
+                :data:`~lightning_cnet.cost.MAX_STEPS_PER_STAGE` too); no stage is changed.
+
+        Warns:
+            ResolutionCostWarning: more than :data:`~lightning_cnet.cost.WARN_EVALUATIONS_PER_STAGE` residual
+                evaluations in a stage per forward pass.
         """
         steps = _per_stage(n_steps, len(self.stages), "n_steps")
-        if scheme is not None:
-            get_scheme(scheme)
+        tableau = None if scheme is None else get_scheme(scheme)
         for n in steps:
             if n is not None:
                 validate_n_steps(n)
+                check_step_count(n)
+        costs = tuple(StageCost(stage.n_basis, stage.n_steps if n is None else n,
+                                (tableau or stage.tableau).n_stages, 0) for stage, n in zip(self.stages, steps))
+        check_cost(Cost(costs), what=f"the manifestation n_steps={'-'.join(str(c.n_steps) for c in costs)}")
         for stage, n in zip(self.stages, steps):
             stage.set_manifestation(scheme=scheme, n_steps=n)
 
@@ -486,9 +507,32 @@ class ContinuousNet(nn.Module):
             generator: random generator for the noise.
         """
         check_noise_std(noise_std)
+        self.check_refine()
         parameters_before = self._count_parameters()
         changes = [stage.refine(noise_std=noise_std, generator=generator) for stage in self.stages]
         return self._report(changes, parameters_before)
+
+    def check_refine(self, refinements: int = 1, *, training: bool = False,
+                     batch_shape: Sequence[int] | None = None, device: torch.device | str | None = None) -> None:
+        """Raise :class:`~lightning_cnet.cost.ResolutionCostError` (a ``ValueError``) if ``refinements`` more
+        refinements would take a stage beyond the bounds of :mod:`lightning_cnet.cost` or the model beyond the memory
+        available; warn if its forward pass would be very slow.
+
+        Args:
+            refinements: how many refinements ahead.
+            training: count gradients, optimizer state and (with ``batch_shape``) the activations of a training
+                step at the refined step count.
+            batch_shape: the training batch ``[B, C, H, W]``.
+            device: where the memory is needed (default: where the model's weights are).
+        """
+        cost = estimate_cost(self, refinements=refinements, batch_shape=batch_shape, training=training)
+        steps = "-".join(str(stage.n_steps) for stage in cost.stages)
+
+        def fits(share: float) -> str:  # each refinement about doubles pieces, steps and activations
+            return f"about {max(refinements + math.floor(math.log2(share)), 0)} refinement(s) would fit"
+
+        what = f"{refinements} refinement(s) ahead (to n_steps {steps}{', training' if training else ''})"
+        check_cost(cost, what=what, device=self.stem.weight.device if device is None else device, fits=fits)
 
     def compress(self, *, n_basis: PerStage = None, n_steps: PerStage = None) -> ResolutionChange:
         """Project every stage onto fewer basis coefficients and/or integrate with fewer steps, in place.
@@ -558,6 +602,23 @@ def _stage_indices(n_stages: int, indices: Indices) -> tuple[list[int], int]:
         if not taken:
             raise ValueError("indices=[] takes no stage: expected at least one index")
     return taken, max(taken)
+
+
+def _check_model_size(widths: list[int], steps: list[int], pieces: list[int], scheme: str, unit: Any,
+                      unit_kwargs: dict[str, Any] | None, gated: bool, *, tied: bool) -> None:
+    """Refuse a model whose stages would not fit in memory, before any is built; warn about a very slow forward
+    pass (see :mod:`lightning_cnet.cost`)."""
+    tableau = get_scheme(scheme)
+    if max([*steps, *(k for k in pieces if isinstance(k, int))]) <= CHEAP_RESOLUTION:
+        return
+    for n, k in zip(steps, pieces):
+        check_step_count(n)
+        check_piece_count(k, "n_basis", " (n_basis defaults to n_steps)" if tied else "")
+    stages = tuple(StageCost(k, n, tableau.n_stages, unit_piece_bytes(unit, width, unit_kwargs, gated))
+                   for width, n, k in zip(widths, steps, pieces))
+    name = "n_steps" if tied else "n_basis"
+    largest = max(steps) if tied else max(pieces)
+    check_cost(Cost(stages), what=f"{name}={largest}", fits=lambda share: f"{name}={scaled(largest, share)} would fit")
 
 
 def _check_stage_resolutions(model: ContinuousNet, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:

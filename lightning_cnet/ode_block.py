@@ -41,6 +41,17 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_cnet._scripting import evaluated_forward_annotations, scriptable_graph
 from lightning_cnet.bases import Basis, NodeWeights, get_basis
+from lightning_cnet.cost import (
+    CHEAP_RESOLUTION,
+    Cost,
+    StageCost,
+    check_cost,
+    check_depth,
+    check_piece_count,
+    check_step_count,
+    scaled,
+    unit_piece_bytes,
+)
 from lightning_cnet.integrators import SCHEMES, ButcherTableau, get_scheme, rk_integrate, validate_n_steps
 from lightning_cnet.layers import ParameterChange, TimeDependent, TimeGate
 from lightning_cnet.units import UnitFactory, build_unit
@@ -50,6 +61,9 @@ RKStagePlan = tuple[tuple[NodeWeights, ...], ...]
 
 RESOLUTION_PREFIX = "resolution."
 """State-dict keys of a stage's resolution: ``<stage>.resolution.{n_basis, n_steps, T, scheme, basis}``."""
+
+#: Longest scheme or basis name a checkpoint may store (registered names are a few characters).
+MAX_NAME_BYTES = 64
 
 
 @dataclass(frozen=True)
@@ -164,8 +178,9 @@ class ODEBlock(nn.Module):
         validate_n_steps(n_steps)
         self.tableau = get_scheme(scheme)
         self.n_steps = n_steps
-        self.T = _checked_depth(float(n_steps) if T is None else T)
+        self.T = check_depth(float(n_steps) if T is None else T)
         self.recompute_steps = recompute_steps
+        _check_stage_size(unit, width, unit_kwargs, n_basis, n_steps, self.tableau, skip_init)
         self.unit = build_unit(unit, width, n_basis, unit_kwargs)
         self.gate = TimeGate(n_basis=n_basis) if skip_init else None
         self._update_plan()
@@ -206,11 +221,13 @@ class ODEBlock(nn.Module):
         """Integrate with another scheme and/or step count from now on; the weights are untouched.
 
         Raises:
-            ValueError: unknown scheme or ``n_steps < 1``; nothing is changed.
+            ValueError: unknown scheme, ``n_steps < 1`` or above :data:`~lightning_cnet.cost.MAX_STEPS_PER_STAGE`;
+                nothing is changed.
         """
         tableau = self.tableau if scheme is None else get_scheme(scheme)
         if n_steps is not None:
             validate_n_steps(n_steps)
+            check_step_count(n_steps)
         self.tableau = tableau
         self.n_steps = self.n_steps if n_steps is None else n_steps
         self._update_plan()
@@ -234,6 +251,7 @@ class ODEBlock(nn.Module):
         ``1 + noise_std * N(0, 1)`` (BatchNorm, LayerNorm and the gate are not perturbed).
         """
         check_noise_std(noise_std)
+        self.check_refine()
         before = self.resolution
         changes = self._resample(self.basis.refinement_matrix(self.n_basis))
         if noise_std > 0:
@@ -242,6 +260,25 @@ class ODEBlock(nn.Module):
         self.n_steps *= 2
         self._update_plan()
         return BlockChange(before, self.resolution, changes)
+
+    def refined_cost(self, refinements: int = 1) -> StageCost:
+        """The cost of this stage after ``refinements`` refinements (see :mod:`lightning_cnet.cost`)."""
+        n_basis = self.n_basis
+        for _ in range(refinements):
+            n_basis = self.basis.refined_size(n_basis)
+        pieces = [t for layer in self.time_layers() for values in layer.pieces_by_name().values() for t in values]
+        piece_bytes = math.ceil(sum(t.numel() * t.element_size() for t in pieces) / self.n_basis)
+        return StageCost(n_basis, self.n_steps * 2**refinements, self.tableau.n_stages, piece_bytes)
+
+    def check_refine(self, refinements: int = 1) -> None:
+        """Raise :class:`~lightning_cnet.cost.ResolutionCostError` if ``refinements`` calls of :meth:`refine` would go
+        beyond the bounds of :mod:`lightning_cnet.cost` or the memory available."""
+        cost = self.refined_cost(refinements)
+        check_step_count(cost.n_steps, "n_steps after refinement")
+        check_piece_count(cost.n_basis, "n_basis after refinement")
+        if cost.n_basis > CHEAP_RESOLUTION:
+            check_cost(Cost((cost,)), what=f"refining {self.n_basis} to {cost.n_basis} pieces", warn=False,
+                       device=next(self.parameters()).device)
 
     def check_compress(self, n_basis: int | None, n_steps: int | None) -> None:
         """Raise ``ValueError`` if :meth:`compress` would refuse these arguments."""
@@ -255,6 +292,7 @@ class ODEBlock(nn.Module):
                 )
         if n_steps is not None:
             validate_n_steps(n_steps)
+            check_step_count(n_steps)
 
     def compress(self, *, n_basis: int | None = None, n_steps: int | None = None) -> BlockChange:
         """L2-project ``theta(t)`` (weights and BatchNorm statistics) onto ``n_basis`` pieces and/or integrate with
@@ -301,9 +339,15 @@ class ODEBlock(nn.Module):
     def checkpoint_resolution(self, state_dict: dict[str, Any], prefix: str) -> StageResolution | None:
         """The resolution a state dict stores for this stage (at ``prefix``), checked; ``None`` if it stores none.
 
+        Only the state dict is read, and nothing larger than the stored tensors is built: a claimed ``n_basis`` must
+        be the number of pieces the state dict actually stores for the stage, ``n_steps`` and ``T`` are bounded
+        (:mod:`lightning_cnet.cost`), so a tampered or foreign file is refused in milliseconds.
+
         Raises:
-            ValueError: an entry is missing, malformed or out of range (``T`` not finite and positive, ``n_steps``
-                not an integer >= 1, an unregistered scheme, another basis, an ``n_basis`` refinement cannot reach).
+            ValueError: an entry is missing, malformed or out of range (``T`` not finite and positive or above
+                :data:`~lightning_cnet.cost.MAX_DEPTH`, ``n_steps`` not an integer in
+                ``[1, MAX_STEPS_PER_STAGE]``, an unregistered scheme, another basis, an ``n_basis`` refinement cannot
+                reach or that differs from the pieces stored).
         """
         keys = {name: prefix + RESOLUTION_PREFIX + name for name in ("n_basis", "n_steps", "T", "scheme", "basis")}
         present = {name: state_dict[key] for name, key in keys.items() if key in state_dict}
@@ -325,10 +369,45 @@ class ODEBlock(nn.Module):
                              f"{SCHEMES.names()}")
         if n_steps < 1:
             raise ValueError(f"{where} has n_steps={n_steps}: expected an integer >= 1")
+        check_step_count(n_steps, f"{where}: n_steps")
         if not (math.isfinite(depth) and depth > 0):
             raise ValueError(f"{where} has T={depth}: expected a finite positive physical depth")
+        check_depth(depth, f"{where}: T")
+        self._check_stored_pieces(state_dict, prefix, n_basis, where)
         self.refinements_to_match(n_basis)
         return StageResolution(n_basis, n_steps, scheme, basis, depth)
+
+    def stored_piece_counts(self, state_dict: dict[str, Any], prefix: str) -> dict[str, list[int]]:
+        """Per time-dependent layer of this stage, the piece indices a state dict stores for it (at ``prefix``), read
+        from the keys alone (``<layer>.<piece list>.<index>[...]``); layers it stores nothing of are left out."""
+        lists = {}
+        for name, layer in self.named_modules():
+            if isinstance(layer, TimeDependent):
+                attribute = next((key for key, child in layer._modules.items()
+                                  if isinstance(child, (nn.ParameterList, nn.ModuleList))), None)
+                if attribute is not None:
+                    lists[f"{prefix}{name}.{attribute}."] = name
+        found: dict[str, set[int]] = {}
+        for key in state_dict:
+            if not key.startswith(prefix):
+                continue
+            for start, name in lists.items():
+                if key.startswith(start):
+                    index = key[len(start):].split(".", 1)[0]
+                    if index.isdigit():
+                        found.setdefault(name, set()).add(int(index))
+                    break
+        return {name: sorted(indices) for name, indices in found.items()}
+
+    def _check_stored_pieces(self, state_dict: dict[str, Any], prefix: str, n_basis: int, where: str) -> None:
+        stored = self.stored_piece_counts(state_dict, prefix)
+        if not stored:
+            raise ValueError(f"{where} claims n_basis={n_basis} but stores none of the stage's weight pieces")
+        for name, indices in stored.items():
+            if indices != list(range(len(indices))) or len(indices) != n_basis:
+                shown = f"{len(indices)}" if indices == list(range(len(indices))) else f"pieces {_ranges(indices)}"
+                raise ValueError(f"{where} claims n_basis={n_basis} but stores {shown} for {prefix}{name}: the "
+                                 "resolution does not match the tensors (a tampered or foreign file)")
 
     def load_resolution(self, resolution: StageResolution) -> None:
         """Take a (checked) stored resolution: refine to its ``n_basis``, take its manifestation and ``T``."""
@@ -380,10 +459,29 @@ def check_noise_std(noise_std: float) -> None:
         raise ValueError(f"noise_std={noise_std!r} is not valid: expected a finite number >= 0 (the paper used 0.1)")
 
 
-def _checked_depth(depth: float) -> float:
-    if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not (math.isfinite(depth) and depth > 0):
-        raise ValueError(f"T={depth!r} is not valid: expected a finite positive physical depth")
-    return float(depth)
+def _check_stage_size(unit: str | UnitFactory, width: int, unit_kwargs: dict[str, Any] | None, n_basis: int,
+                      n_steps: int, tableau: ButcherTableau, gated: bool) -> None:
+    """Refuse a stage beyond the bounds of :mod:`lightning_cnet.cost`, or whose weights would not fit in memory,
+    before any of it is built (a large one is measured with a one-piece probe of its unit)."""
+    check_piece_count(n_basis)
+    check_step_count(n_steps)
+    if max(n_basis, n_steps) <= CHEAP_RESOLUTION:
+        return
+    stage = StageCost(n_basis, n_steps, tableau.n_stages, unit_piece_bytes(unit, width, unit_kwargs, gated))
+    check_cost(Cost((stage,)), what=f"a stage of width {width} with n_basis={n_basis}, n_steps={n_steps}",
+               fits=lambda share: f"n_basis={scaled(n_basis, share)} would fit", warn=False)
+
+
+def _ranges(indices: list[int]) -> str:
+    """``[0, 1, 2, 7] -> '0-2, 7'`` (at most a few runs)."""
+    runs: list[list[int]] = []
+    for index in indices:
+        if runs and index == runs[-1][1] + 1:
+            runs[-1][1] = index
+        else:
+            runs.append([index, index])
+    shown = [f"{a}-{b}" if b > a else f"{a}" for a, b in runs[:4]]
+    return ", ".join(shown) + (", ..." if len(runs) > 4 else "")
 
 
 def _encode_name(name: str) -> torch.Tensor:
@@ -393,6 +491,8 @@ def _encode_name(name: str) -> torch.Tensor:
 def _decode_name(value: Any, key: str) -> str:
     if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1:
         raise ValueError(f"{key} must be a 1-D uint8 tensor holding a name, got {_describe(value)}")
+    if value.numel() > MAX_NAME_BYTES:
+        raise ValueError(f"{key} holds {value.numel()} bytes: expected a name of at most {MAX_NAME_BYTES}")
     try:
         return bytes(value.tolist()).decode("utf-8")
     except UnicodeDecodeError:

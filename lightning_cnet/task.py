@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lightning_cnet._transaction import restored_on_error
+from lightning_cnet._validation import TRAINING_RANGES, check_ranges
 from lightning_cnet.integrators import get_scheme
 from lightning_cnet.models import MODELS, ContinuousNet, get_model
 
@@ -215,6 +216,8 @@ class BackboneTask:
         backbone: ContinuousNet | None = None,
     ) -> None:
         super().__init__()
+        check_ranges(TRAINING_RANGES, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "gamma": gamma,
+                                       "milestones": milestones})
         self.save_hyperparameters(ignore=["backbone"])
         if optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer={optimizer!r} is not known: expected 'sgd' or 'adamw'")

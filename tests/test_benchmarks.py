@@ -89,6 +89,12 @@ def test_memory_smoke(bench, tmp_path):
     assert len(rows_of(tmp_path / "m.csv")) == len(rows)
 
 
+def test_cost_bounds_smoke(bench, tmp_path):
+    rows = bench("cost_bounds").main(["--smoke", "--csv", str(tmp_path / "c.csv")])
+    assert len(rows) == 1 and rows[0].measured_mib > 0 and rows[0].estimated_mib > 0
+    assert len(rows_of(tmp_path / "c.csv")) == 1
+
+
 def test_memory_peak_counts_allocations_exactly(bench):
     """The CPU peak of a hand-made allocation pattern: 1 + 2 MiB live, then 1 MiB freed, then 3 MiB: peak 5 MiB."""
     memory = bench("memory")

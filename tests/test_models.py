@@ -383,7 +383,7 @@ def test_docstring_examples(monkeypatch: pytest.MonkeyPatch, module_name: str) -
 
 # ---------------------------------------------------------------------- tampered and foreign state dicts
 def _tampered(key: str, value) -> dict:
-    state = _tiny(n_steps=(2, 2)).state_dict()
+    state = _tiny(n_steps=(4, 2)).state_dict()
     for stage in (0, 1):
         state[f"stages.{stage}.unit.conv1.weight.1"] = state[f"stages.{stage}.unit.conv1.weight.0"]
     state[f"stages.1.resolution.{key}"] = value
@@ -400,9 +400,8 @@ def _tampered(key: str, value) -> dict:
     ("scheme", torch.ones(2, 2), "must be a 1-D uint8 tensor"),
 ])
 def test_a_tampered_resolution_is_refused_and_the_model_is_unchanged(key, value, message) -> None:
-    """Stage 1's entry is bad while stage 0's asks for a refinement: stage 0 must not be refined either."""
+    """Stage 1's entry is bad while stage 0's (4 pieces) asks for a refinement: stage 0 must not be refined either."""
     state = _tampered(key, value)
-    state["stages.0.resolution.n_basis"] = torch.tensor(4)
     model = _tiny(n_steps=1)
     before, resolution = _state(model), model.resolution
     parameters = list(model.parameters())

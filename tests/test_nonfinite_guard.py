@@ -307,6 +307,21 @@ def test_exhausted_rollbacks_stop_with_the_message():
     assert "n_steps=1 n_basis=1 euler" in str(error.value)
 
 
+def test_exhausted_rollbacks_leave_the_last_good_state_in_memory():
+    """The run stops, but whoever catches the error holds a finite model: the state that last passed a check (the
+    start of step 2, before the NaN batches), with the learning rate of the second rollback."""
+    task = make_task()
+    corrupt, guard = Corrupt(set(range(2, 100)), nan_images), NonFiniteGuard("rollback", max_rollbacks=2, verbose=False)
+    trainer = pl.Trainer(**trainer_options(callbacks=[corrupt, guard]))
+    with pytest.raises(NonFiniteError) as error:
+        trainer.fit(task, datamodule=TinyDigits())
+    assert "the model and optimizer hold the state of global step 2 again" in str(error.value)
+    expected = corrupt.before[2]
+    assert_same_state(training_state(task, trainer.optimizers[0]), expected)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.0125  # halved twice, not a third time
+    assert all(p.isfinite().all() and p.grad is None for p in task.parameters())
+
+
 @pytest.mark.filterwarnings("ignore:The dirpath has changed")
 def test_rollbacks_are_counted_across_a_resume(tmp_path):
     guard = NonFiniteGuard("rollback", max_rollbacks=2, verbose=False)

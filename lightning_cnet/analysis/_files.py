@@ -5,9 +5,12 @@ from __future__ import annotations
 import csv
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from lightning_cnet._atomic import replace_atomically
 
 
 def check_writable(directory: str | Path) -> Path:
@@ -31,29 +34,64 @@ def check_writable(directory: str | Path) -> Path:
     return directory
 
 
+class Written:
+    """The files and folders a command created (:func:`recording`), so that a failure can remove them again."""
+
+    def __init__(self) -> None:
+        self.files: list[Path] = []
+        self.folders: list[Path] = []
+
+    def remove_all(self) -> None:
+        """Remove the files, then the folders if they are empty (never anything that was there before)."""
+        for path in reversed(self.files):
+            path.unlink(missing_ok=True)
+        for folder in reversed(self.folders):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        self.files, self.folders = [], []
+
+
+_recording: list[Written] = []
+
+
+@contextmanager
+def recording() -> Iterator[Written]:
+    """Record what :func:`write_atomically` creates inside the block."""
+    written = Written()
+    _recording.append(written)
+    try:
+        yield written
+    finally:
+        _recording.remove(written)
+
+
 def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(temporary_path)`` and rename the result to ``path``, so a failure leaves no partial file.
 
-    Parent folders are created. The temporary file lies in the same folder, so the rename is atomic.
+    Parent folders are created. The temporary file lies in the same folder and is flushed to disk before the rename
+    (:func:`lightning_cnet._atomic.replace_atomically`). Inside :func:`recording`, a new file and new folders are
+    recorded.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(handle)
-    temporary = Path(name)
-    try:
-        write(temporary)
-        os.chmod(temporary, 0o666 & ~_umask())  # the permissions of a file opened as usual, not mkstemp's 0600
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    new_folders = [] if path.parent.exists() else _missing_folders(path.parent)
+    existed = path.exists()
+    for written in _recording:
+        written.folders += new_folders
+    replace_atomically(path, write)
+    for written in _recording:
+        if not existed:
+            written.files.append(path)
     return path
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _missing_folders(folder: Path) -> list[Path]:
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    return list(reversed(missing))
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:

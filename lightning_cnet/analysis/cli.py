@@ -21,8 +21,10 @@ only ``LightningDataModule`` and ``LightningModule`` subclasses are built from i
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -30,6 +32,8 @@ from typing import Any, NoReturn
 import torch
 import yaml
 
+from lightning_cnet._atomic import os_error_in, remove_stale_temporaries
+from lightning_cnet.analysis import _files
 from lightning_cnet.analysis._files import check_writable, write_atomically, write_csv
 from lightning_cnet.analysis.compression import check_pairs, compressed, compression_sweep, parse_pair
 from lightning_cnet.analysis.convergence import convergence_study
@@ -46,7 +50,13 @@ from lightning_cnet.analysis.plots import (
 )
 from lightning_cnet.batches import model_input
 from lightning_cnet.callbacks.depth_refinement import refinable_modules
-from lightning_cnet.integrators import list_schemes
+from lightning_cnet.cost import (
+    WARN_EVALUATIONS_PER_STAGE,
+    ResolutionCostWarning,
+    check_export_evaluations,
+    check_step_count,
+)
+from lightning_cnet.integrators import get_scheme, list_schemes
 from lightning_cnet.metrics_reader import read_scalars
 
 PROG = "lightning-cnet-analyze"
@@ -74,6 +84,10 @@ def load_task(ckpt_path: str, model_class: type | None = None) -> Any:
 
     model_class = model_class or ContinuousNetClassifier
     path = Path(ckpt_path)
+    if path.is_dir():
+        found = [c for c in (path / "checkpoints" / "last.ckpt", path / "last.ckpt") if c.is_file()]
+        hint = f" (did you mean {found[0]}?)" if found else ""
+        raise UsageError(f"{path}: is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
     try:
@@ -85,7 +99,7 @@ def load_task(ckpt_path: str, model_class: type | None = None) -> Any:
     try:
         task = model_class.load_from_checkpoint(path, map_location="cpu", weights_only=True).eval()
     except Exception as error:  # noqa: BLE001 - a checkpoint of another model is bad input
-        raise UsageError(f"{path}: not a checkpoint of {model_class.__name__} ({_first_line(error)})") from None
+        raise UsageError(f"{path}: cannot be loaded as {model_class.__name__}: {_first_line(error)}") from None
     if not refinable_modules(task):
         raise UsageError(f"{path}: {model_class.__name__} holds no ContinuousNet to study")
     return task
@@ -121,9 +135,9 @@ def model_class(config_path: Path | None) -> type | None:
                          f"load: {_first_line(error)}") from None
 
 
-def _first_line(error: BaseException) -> str:
+def _first_line(error: BaseException, limit: int = 200) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return (lines[0] if lines else type(error).__name__)[:200]
+    return (lines[0] if lines else type(error).__name__)[:limit]
 
 
 def find_config(ckpt_path: str) -> Path:
@@ -210,6 +224,8 @@ class _Inputs:
     def __init__(self, args: argparse.Namespace, *, needs_data: bool = True) -> None:
         paths = args.ckpt_path if isinstance(args.ckpt_path, list) else [args.ckpt_path]
         self.out = check_writable(args.out) if getattr(args, "out", None) else None
+        if self.out is not None:
+            remove_stale_temporaries(self.out)
         self.labels = _labels(paths, getattr(args, "labels", None))
         if getattr(args, "config", None):
             config: Path | None = Path(args.config)
@@ -273,8 +289,23 @@ def _format(value: Any) -> str:
 
 
 # ---------------------------------------------------------------------- subcommands
+def _check_step_counts(args: argparse.Namespace) -> None:
+    """Refuse step counts beyond :data:`~lightning_cnet.cost.MAX_STEPS_PER_STAGE` and warn about very slow sweeps,
+    before any checkpoint is read (the counts a sweep derives from a checkpoint are checked when they are set)."""
+    counts = list(args.n_steps or [])
+    reference = args.reference_steps or (16 * max(counts) if counts else None)
+    for option, values in (("--n_steps", counts), ("--reference_steps", [reference] if reference else [])):
+        for value in values:
+            check_step_count(value, f"{option} {value}: n_steps")
+    if reference and 4 * reference > WARN_EVALUATIONS_PER_STAGE:  # the reference is RK4
+        warnings.warn(f"the RK4 reference at {reference} steps evaluates each stage {4 * reference} times per batch "
+                      f"(above {WARN_EVALUATIONS_PER_STAGE}): expect it to be slow; --reference_steps sets it",
+                      ResolutionCostWarning, stacklevel=2)
+
+
 def _manifestation(args: argparse.Namespace) -> None:
     check_sweep_arguments(args.schemes or [], args.n_steps or [])
+    _check_step_counts(args)
     inputs = _Inputs(args)
     rows_by_label = {}
     for label, task, net in zip(inputs.labels, inputs.tasks, inputs.nets):
@@ -291,6 +322,7 @@ def _manifestation(args: argparse.Namespace) -> None:
 
 def _convergence(args: argparse.Namespace) -> None:
     check_sweep_arguments(args.schemes or [], args.n_steps or [])
+    _check_step_counts(args)
     inputs = _Inputs(args)
     errors, orders = convergence_study(inputs.nets[0], inputs.batches, schemes=args.schemes,
                                        n_steps=args.n_steps, reference_steps=args.reference_steps)
@@ -318,8 +350,11 @@ def _compression(args: argparse.Namespace) -> None:
     if not args.pairs:
         raise UsageError("give the (n_basis, n_steps) pairs to evaluate, e.g. --pairs 8:8 4:4 2:2")
     pairs = [parse_pair(text) for text in args.pairs]
+    for _, n_steps in pairs:
+        check_step_count(n_steps)
     if args.save:
         check_writable(args.save)
+        remove_stale_temporaries(args.save)  # of an earlier --save that was killed mid-write
     inputs = _Inputs(args)
     task, net, path = inputs.tasks[0], inputs.nets[0], inputs.paths[0]
     check_pairs(net, pairs)
@@ -358,11 +393,14 @@ def save_compressed(ckpt_path: str, task: Any, n_basis: int, n_steps: int, direc
 
 def _export(args: argparse.Namespace) -> None:
     check_sweep_arguments([args.scheme], [args.n_steps])
-    out = Path(args.out)
+    check_step_count(args.n_steps)
+    out = _output_file(args.out)
     check_writable(out.parent)
     args.num_batches, args.split = 1, args.split
     inputs = _Inputs(args)
     model = inputs.nets[0]
+    stages = len(getattr(model, "stages", [None]))
+    check_export_evaluations(stages * args.n_steps * get_scheme(args.scheme).n_stages, args.n_steps, args.scheme)
     model.set_manifestation(scheme=args.scheme, n_steps=args.n_steps)
     example = model_input(inputs.batches[0], inputs.tasks[0])
     written = [export_program(model, example, out)]
@@ -372,8 +410,16 @@ def _export(args: argparse.Namespace) -> None:
           f"size; checked equal to eager on batches of {len(example)} and 1)")
 
 
+def _output_file(text: str) -> Path:
+    """``--out`` of a command that writes one file: not a folder."""
+    out = Path(text)
+    if out.is_dir() or text.endswith(("/", "\\")):
+        raise UsageError(f"--out {text}: is a folder; expected a file name, e.g. {out / 'val_acc.png'}")
+    return out
+
+
 def _curve(args: argparse.Namespace) -> None:
-    out = Path(args.out)
+    out = _output_file(args.out)
     check_writable(out.parent)
     try:
         points = read_scalars(args.metrics, args.metric)
@@ -447,15 +493,31 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``lightning-cnet-analyze``; bad input prints one line and exits with status 2."""
-    try:
-        args = _parser().parse_args(argv)
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
-        args.run(args)
-    except (UsageError, ValueError, ImportError) as error:
-        print(f"{PROG}: error: {_first_line(error)}", file=sys.stderr)
-        raise SystemExit(2) from None
+    """Entry point of ``lightning-cnet-analyze``; bad input prints one line and exits with status 2, a file system that
+    refuses the outputs (full, read-only) one line and status 1; either way what the command wrote is removed."""
+    with _files.recording() as written, warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        try:
+            args = _parser().parse_args(argv)
+            if args.threads is not None:
+                torch.set_num_threads(args.threads)
+            args.run(args)
+        except (UsageError, ValueError, ImportError) as error:
+            written.remove_all()
+            print(f"{PROG}: error: {_first_line(error, 400)}", file=sys.stderr)  # room for a path and the cause
+            raise SystemExit(2) from None
+        except (OSError, RuntimeError) as error:  # torch's writers wrap the OSError of a full disk
+            written.remove_all()
+            cause = os_error_in(error)
+            if cause is None or cause.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG):
+                raise
+            print(f"{PROG}: error: cannot write {cause.filename or 'the outputs'}: {cause.strerror}; the files this "
+                  "command created were removed", file=sys.stderr)
+            raise SystemExit(1) from None
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":
