@@ -69,3 +69,28 @@ def check_ranges(ranges: Ranges, values: Mapping[str, Any], prefix: str = "") ->
             valid, expected = ranges[name]
             if not valid(value):
                 raise ValueError(f"{prefix}{name}={value!r} is not valid: expected {expected}")
+
+
+def check_integer(name: str, value: Any, minimum: int = 1, *, optional: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is an integer (``bool`` is not) ``>= minimum``, or ``None`` when
+    ``optional``; the one wording of every integer check of the package.
+
+    Args:
+        name: the argument's name, as the caller spells it (``"n_steps"``, ``"trainer.max_epochs"``).
+        value: the value given.
+        minimum: the smallest value accepted.
+        optional: accept ``None`` too.
+
+    Example:
+        >>> check_integer("n_steps", 4)
+        >>> check_integer("n_steps", 0)
+        Traceback (most recent call last):
+        ...
+        ValueError: n_steps=0 is not valid: expected an integer >= 1
+        >>> check_integer("seed", None, minimum=0, optional=True)
+    """
+    if optional and value is None:
+        return
+    if not (_integer(value) and value >= minimum):
+        expected = f"an integer >= {minimum}"
+        raise ValueError(f"{name}={value!r} is not valid: expected {'None or ' if optional else ''}{expected}")
