@@ -114,7 +114,7 @@ def test_a_hostile_safetensors_file_is_refused(tmp_path, refined_state) -> None:
 def test_the_other_model_check_of_a_lightning_load_is_cheap_too(refined_state) -> None:
     """``check_checkpoint`` loads the checkpoint into a deep copy of the task's model: a hostile claim must make the
     copy refuse as cheaply as the model itself (no refinement to 2**20 pieces on the copy)."""
-    from lightning_cnet.classification import check_checkpoint
+    from lightning_cnet.task import check_checkpoint
     from lightning_cnet.module import ContinuousNetClassifier
 
     task = ContinuousNetClassifier("cnet_digits", n_steps=1)
