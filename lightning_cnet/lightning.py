@@ -27,6 +27,7 @@ from lightning_cnet.data._lightning import (  # noqa: E402
     CIFAR100DataModule,
     DigitsDataModule,
     HardDigitsDataModule,
+    IDXDataModule,
     ImageFolderDataModule,
 )
 
@@ -58,6 +59,7 @@ __all__ = [
     "DepthRefinementCallback",
     "DigitsDataModule",
     "HardDigitsDataModule",
+    "IDXDataModule",
     "ImageFolderDataModule",
     "ManifestationMonitor",
     "NonFiniteError",

@@ -1,4 +1,4 @@
-"""LightningDataModules: offline digits (plain and distorted), CIFAR-10/100 and any image folder.
+"""LightningDataModules: offline digits (plain and distorted), the MNIST family, CIFAR-10/100 and any image folder.
 
 Every DataModule exposes ``num_classes``, ``in_chans`` and ``image_size`` right after it is
 built, so that a model can be sized from it before ``setup``. The training order of epoch ``e``
@@ -25,6 +25,7 @@ from lightning_cnet.data._common import DatasetNotFoundError, SplitDataMixin
 from lightning_cnet.data.cifar import CIFAR10DataMixin, CIFAR100DataMixin
 from lightning_cnet.data.digits import AffineNoise, DigitsDataMixin, HardDigitsDataMixin
 from lightning_cnet.data.folder import ImageFolderDataMixin
+from lightning_cnet.data.idx import IDXDataMixin
 from lightning_cnet.data.sampling import EpochKeySampler, EpochSampler, ResumableDataLoader
 
 #: DataModules made concrete for ``pytorch_lightning``, imported on first access.
@@ -33,6 +34,7 @@ _PYTORCH_LIGHTNING_DATAMODULES = (
     "CIFAR10DataModule",
     "DigitsDataModule",
     "HardDigitsDataModule",
+    "IDXDataModule",
     "ImageFolderDataModule",
 )
 
@@ -53,6 +55,7 @@ __all__ = [
     "EpochKeySampler",
     "EpochSampler",
     "HardDigitsDataMixin",
+    "IDXDataMixin",
     "ImageFolderDataMixin",
     "ResumableDataLoader",
     "SplitDataMixin",

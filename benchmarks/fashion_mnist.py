@@ -1,0 +1,309 @@
+"""The paper's claims on Fashion-MNIST: refinement against full depth (c), invariance (b) and compression (d).
+
+Every run trains ``cnet_digits`` (widths 8-16-32) on Fashion-MNIST (28x28, 55,000 training and 5,000 held-out
+validation images drawn with the run's seed, the 10,000 test images), midpoint rule, ``T = 2``, 4 steps and pieces
+per stage at the end, 4 epochs, batch 128, SGD (Nesterov momentum 0.9, weight decay 5e-4, cosine schedule per
+epoch), one thread (``benchmarks/_experiment.py``). *refined* starts at 1 step and doubles at epochs 2 and 3;
+*full* trains at 4 steps from the start.
+
+The study, in the order its jobs run (two at a time, each in its own process, ``nice``; every finished run appends
+its row to ``OUT/runs.csv`` at once, so a partial study can be read and resumed):
+
+1. the learning rate of each method on seed 0 from ``--lrs``, chosen on the validation split;
+2. seeds 1 and 2 of both methods at their rates (claim (c): test accuracy, wall time and process CPU time, with the
+   load average while each ran);
+3. claims (b) and (d) on the six trained models: every scheme and step count as trained and with BatchNorm
+   statistics re-estimated (the first 5,000 test images; a reference of RK4 at 16 steps), compression to fewer
+   pieces and steps (all test images), and the relative jump between neighbouring pieces, each with the
+   stages-off baseline;
+4. variants of the refined run at its rate, seeds 0-2: refinements at epochs 1 and 2, a plateau schedule that
+   decides for itself, BatchNorm statistics re-estimated at each refinement, a learning-rate restart at each
+   refinement, the optimizer state reset instead of interpolated.
+
+Cost, from the measured ~0.18 / 0.31 / 0.57 s per training step at 1 / 2 / 4 steps per stage (one thread, idle
+machine): a full run ~17 CPU-minutes, a refined run ~10, so steps 1-2 take ~2.3 CPU-hours, step 3 ~0.5 and step 4
+~2.6: about 5 CPU-hours in all, 2.5 hours on 2 idle cores (the variants last; a study stopped early keeps what
+finished).
+
+Usage::
+
+    python benchmarks/fashion_mnist.py --out outputs/fashion                 # the study; resumes what OUT holds
+    python benchmarks/fashion_mnist.py --out outputs/fashion --summary       # tables from OUT, nothing run
+    python benchmarks/fashion_mnist.py --quick --out /tmp/fashion            # smoke run: tiny epochs, one worker
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import fcntl
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from _experiment import RunConfig, run, set_threads
+
+BASE = RunConfig(data="fashion-mnist", batch_size=128, scheme="midpoint", final_steps=4, refine_at=(2, 3), T=2.0,
+                 epochs=4)
+QUICK = dict(epochs=2, refine_at=(1,), final_steps=2, limit_train_batches=3, limit_eval_batches=2)
+#: Variants of the refined run: their label and what they change.
+VARIANTS = {
+    "refine12": ("refinements at epochs 1, 2", {"refine_at": (1, 2)}),
+    "plateau": ("plateau schedule (patience 1, 1 point)", {"plateau_patience": 1, "plateau_min_delta": 0.01}),
+    "recalibrate": ("BatchNorm re-estimated at refinements", {"recalibrate_bn": True}),
+    "restart": ("learning-rate restart at refinements", {"lr_restart": True}),
+    "reset": ("optimizer state reset", {"optimizer_state": "reset"}),
+}
+COLUMNS = ("method", "variant", "lr", "seed", "epochs", "wall", "cpu", "load", "val_acc", "test_acc",
+           "test_acc_stages_off", "final_steps", "refine_epochs", "refine_seconds", "finished")
+SCHEMES = ("euler", "midpoint", "rk4")
+STEPS = (1, 2, 3, 4, 8)
+PAIRS = ((4, 4), (4, 2), (4, 1), (2, 4), (2, 2), (1, 4), (1, 1))
+SWEEP_IMAGES = 5000
+RECALIBRATION_BATCHES = 20
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of the study: ``train`` a run or ``analyze`` a trained one."""
+
+    kind: str
+    method: str
+    seed: int
+    lr: float = 0.0
+    variant: str = "plain"
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.method}:{self.variant}:{self.lr:g}:{self.seed}"
+
+    @classmethod
+    def parse(cls, key: str) -> Job:
+        kind, method, variant, lr, seed = key.split(":")
+        return cls(kind, method, int(seed), float(lr), variant)
+
+
+# ---------------------------------------------------------------------------------------------------- the plan
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The finished runs of ``OUT/runs.csv``, typed."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    numbers = ("lr", "wall", "cpu", "load", "val_acc", "test_acc", "test_acc_stages_off", "refine_seconds")
+    for row in rows:
+        row.update({key: float(row[key]) for key in numbers})
+        row.update({key: int(row[key]) for key in ("seed", "epochs", "final_steps")})
+    return rows
+
+
+def chosen_rate(rows: Sequence[dict[str, Any]], method: str, lrs: Sequence[float], seed: int) -> float | None:
+    """The rate of ``lrs`` with the best validation accuracy of ``method`` on ``seed``, once all have run."""
+    plain = {row["lr"]: row["val_acc"] for row in rows
+             if (row["method"], row["variant"], row["seed"]) == (method, "plain", seed)}
+    if any(lr not in plain for lr in lrs):
+        return None
+    return max(lrs, key=lambda lr: plain[lr])
+
+
+def plan(rows: Sequence[dict[str, Any]], lrs: Sequence[float], seeds: Sequence[int], variants: Sequence[str]
+         ) -> tuple[list[Job], bool]:
+    """Every job whose inputs exist, in the order they should run, and whether more jobs will follow."""
+    jobs = [Job("train", method, seeds[0], lr) for lr in lrs for method in ("refined", "full")]
+    rates = {method: chosen_rate(rows, method, lrs, seeds[0]) for method in ("refined", "full")}
+    if None in rates.values():
+        return jobs, True
+    jobs += [Job("train", method, seed, rates[method]) for seed in seeds[1:] for method in ("refined", "full")]
+    jobs += [Job("analyze", method, seed, rates[method]) for seed in seeds for method in ("refined", "full")]
+    jobs += [Job("train", "refined", seed, rates["refined"], variant) for variant in variants for seed in seeds]
+    return jobs, False
+
+
+# ---------------------------------------------------------------------------------------------------- one job
+def checkpoint_path(out: Path, job: Job) -> Path:
+    return out / "checkpoints" / f"{job.method}_{job.variant}_lr{job.lr:g}_s{job.seed}.ckpt"
+
+
+def _append_row(path: Path, row: dict[str, Any]) -> None:
+    """Append ``row`` to the CSV under an exclusive lock (two jobs may finish at once), header first if new."""
+    with path.open("a", newline="") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        if handle.tell() == 0:
+            writer.writeheader()
+        writer.writerow(row)
+        handle.flush()
+        fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def train_job(out: Path, job: Job, base: RunConfig) -> dict[str, Any]:
+    config = base.replace(lr=job.lr, seed=job.seed, checkpoint=str(checkpoint_path(out, job)))
+    if job.method == "full":
+        config = config.replace(refine_at=())
+    if job.variant != "plain":
+        config = config.replace(**VARIANTS[job.variant][1])
+    checkpoint_path(out, job).parent.mkdir(parents=True, exist_ok=True)
+    result = run(config)
+    row = {"method": job.method, "variant": job.variant, "lr": job.lr, "seed": job.seed, "epochs": config.epochs,
+           **{key: round(result[key], 3) for key in ("wall", "cpu", "load", "val_acc", "test_acc",
+                                                     "test_acc_stages_off", "refine_seconds")},
+           "final_steps": result["final_steps"], "refine_epochs": result["refine_epochs"],
+           "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    _append_row(out / "runs.csv", row)
+    return row
+
+
+def analyze_job(out: Path, job: Job, quick: bool) -> None:
+    """Claims (b) and (d) and the depth profile of one trained model, written to ``OUT/analysis/<method>_s<seed>``."""
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from lightning_cnet.analysis import as_batches, compression_sweep, depth_profile, manifestation_sweep
+    from lightning_cnet.analysis._files import write_csv
+    from lightning_cnet.data import IDXDataModule
+    from lightning_cnet.module import ContinuousNetClassifier
+
+    task = ContinuousNetClassifier.load_from_checkpoint(checkpoint_path(out, Job("train", job.method, job.seed,
+                                                                                 job.lr)), map_location="cpu")
+    model = task.model.eval()
+    dm = IDXDataModule(dataset="fashion-mnist", batch_size=128, seed=job.seed)
+    dm.setup(None)
+    images = 256 if quick else SWEEP_IMAGES
+    sweep = as_batches(DataLoader(Subset(dm.test_dataset, range(images)), batch_size=128))
+    test = sweep if quick else as_batches(DataLoader(dm.test_dataset, batch_size=128))
+    recalibration = [images for images, _ in DataLoader(dm.train_dataset, batch_size=128)][
+        :2 if quick else RECALIBRATION_BATCHES]
+    target = analysis_dir(out, job)
+    target.mkdir(parents=True, exist_ok=True)
+    start = time.process_time()
+    with torch.no_grad():
+        rows = manifestation_sweep(model, sweep, schemes=SCHEMES, n_steps=(1, 2) if quick else STEPS,
+                                   reference_steps=4 if quick else 16, recalibration=recalibration, progress=False)
+        write_csv(rows, target / "manifestation.csv")
+        write_csv(compression_sweep(model, test, pairs=((2, 2), (1, 1)) if quick else PAIRS, progress=False),
+                  target / "compression.csv")
+    kernels, _ = depth_profile(model, label=job.method)
+    write_csv(kernels, target / "depth.csv")
+    (target / "cost.json").write_text(json.dumps({"cpu_seconds": time.process_time() - start}))
+
+
+# ---------------------------------------------------------------------------------------------------- tables
+def tables(out: Path, lrs: Sequence[float], seeds: Sequence[int]) -> str:
+    """Markdown tables of what ``OUT`` holds."""
+    rows = read_rows(out / "runs.csv")
+    return "\n".join(", ".join(f"{key}={value}" for key, value in row.items()) for row in rows) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def drive(out: Path, args: argparse.Namespace) -> None:
+    """Run the plan's jobs, ``--workers`` at a time, each in a fresh ``nice`` process; return when all are done."""
+    running_dir = out / "running"
+    running_dir.mkdir(parents=True, exist_ok=True)
+    children: dict[str, subprocess.Popen] = {}
+    while True:
+        for key, child in list(children.items()):
+            if child.poll() is not None:
+                (running_dir / key).unlink(missing_ok=True)
+                del children[key]
+                if child.returncode:
+                    print(f"job {key} failed with exit code {child.returncode}; see {out / 'logs'}", flush=True)
+        busy = {path.name for path in running_dir.iterdir() if _alive(int(path.read_text() or 0))}
+        rows = read_rows(out / "runs.csv")
+        jobs, more = plan(rows, args.lrs, args.seeds, args.variants)
+        failed = {path.name for path in (out / "failed").iterdir()} if (out / "failed").is_dir() else set()
+        ready = [job for job in jobs if not is_done(out, rows, job) and job.key not in busy | failed]
+        if not ready and not busy and not more:
+            return
+        while ready and len(busy) < args.workers:
+            job = ready.pop(0)
+            children[job.key] = _start(out, job, args)
+            (running_dir / job.key).write_text(str(children[job.key].pid))
+            busy.add(job.key)
+            print(f"{time.strftime('%H:%M:%S')} started {job.key} (load {os.getloadavg()[0]:.1f})", flush=True)
+        time.sleep(args.poll)
+
+
+def analysis_dir(out: Path, job: Job) -> Path:
+    return out / "analysis" / f"{job.method}_s{job.seed}"
+
+
+def is_done(out: Path, rows: Sequence[dict[str, Any]], job: Job) -> bool:
+    """Whether ``job`` finished: its row is in ``rows``, or its analysis wrote its cost."""
+    if job.kind == "analyze":
+        return (analysis_dir(out, job) / "cost.json").is_file()
+    return any((row["method"], row["variant"], row["lr"], row["seed"]) == (job.method, job.variant, job.lr, job.seed)
+               for row in rows)
+
+
+def _start(out: Path, job: Job, args: argparse.Namespace) -> subprocess.Popen:
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    command = ["nice", "-n", str(args.nice), sys.executable, __file__, "--job", job.key, "--out", str(out)]
+    if args.quick:
+        command.append("--quick")
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with (logs / f"{job.key.replace(':', '_')}.log").open("w") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment,
+                                start_new_session=True)
+
+
+def run_job(out: Path, key: str, quick: bool) -> None:
+    job = Job.parse(key)
+    base = BASE.replace(**QUICK) if quick else BASE
+    try:
+        if job.kind == "train":
+            print(train_job(out, job, base), flush=True)
+        else:
+            analyze_job(out, job, quick)
+    except Exception:
+        (out / "failed").mkdir(exist_ok=True)
+        (out / "failed" / key).touch()
+        raise
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="outputs/fashion")
+    parser.add_argument("--lrs", nargs="+", type=float, default=[0.1, 0.2, 0.05])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--workers", type=int, default=2, help="jobs at a time")
+    parser.add_argument("--nice", type=int, default=5)
+    parser.add_argument("--poll", type=float, default=30.0, help="seconds between looks at the running jobs")
+    parser.add_argument("--summary", action="store_true", help="print the tables of OUT, run nothing")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 short epochs, lrs 0.1 0.2, seeds 0 1 2")
+    parser.add_argument("--job", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    out = Path(args.out)
+    set_threads(1)
+    if args.job:
+        run_job(out, args.job, args.quick)
+        return
+    if args.quick:
+        args.lrs, args.workers, args.poll = args.lrs[:2], 1, 0.5
+    if not args.summary:
+        drive(out, args)
+    text = tables(out, args.lrs, args.seeds)
+    (out / "fashion_mnist.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
