@@ -263,6 +263,25 @@ def test_fit_resumed_mid_epoch_ends_like_an_uninterrupted_one(tmp_path):
     assert all(torch.equal(uninterrupted[key], resumed[key]) for key in uninterrupted)
 
 
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+@pytest.mark.parametrize(("config", "final_steps"), [("fashion_mnist.yaml", 4), ("fashion_mnist_full.yaml", 4)])
+def test_shipped_configs_train_through_the_cli(tmp_path, monkeypatch, config, final_steps):
+    """Each config's four epochs on tiny IDX files: the refined one reaches its 4 steps at epochs 2 and 3."""
+    from lightning_cnet.cli import main
+
+    write_dataset(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(Path(__file__).resolve().parents[1] / "configs" / config),
+          "--data.init_args.dataset", "idx", "--data.init_args.data_dir", str(tmp_path / "data"),
+          "--data.init_args.val_size", "8", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+          "--trainer.enable_progress_bar", "false"])
+    name = config.removesuffix(".yaml")
+    state = torch.load(tmp_path / "lightning_logs" / name / "version_0" / "checkpoints" / "last.ckpt",
+                       weights_only=False)
+    assert state["epoch"] == 3
+    assert state["state_dict"]["model.stages.0.resolution.n_steps"].item() == final_steps
+
+
 def test_datamodule_builds_from_its_signature():
     parser = jsonargparse.ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(IDXDataModule, "data")

@@ -167,3 +167,26 @@ def test_ddp_ranks_follow_rank_zero_decisions():
                                            limit_val_batches=1, callbacks=[plateau_callback(), RankAgreement()]))
     trainer.fit(task, datamodule=TinyDigits())
     assert n_steps(task) == [4, 4, 4]  # both ranks refined at 2 and 4, as rank 0's metric decided
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+def test_cli_config_takes_a_plateau_schedule(tmp_path, monkeypatch):
+    """``refine_at`` given as a ``class_path`` in YAML; a ``min_delta`` no epoch can beat refines after epoch 1."""
+    import yaml
+
+    from lightning_cnet.cli import main
+
+    callback = {"class_path": "lightning_cnet.callbacks.DepthRefinementCallback", "init_args": {"refine_at": {
+        "class_path": "lightning_cnet.callbacks.PlateauSchedule",
+        "init_args": {"monitor": "val_acc", "patience": 1, "min_delta": 2.0}}}}
+    config = {"trainer": {"max_epochs": 3, "limit_train_batches": 2, "limit_val_batches": 1,
+                          "enable_progress_bar": False, "callbacks": [callback]},
+              "data": {"class_path": "lightning_cnet.data.DigitsDataModule", "init_args": {"image_size": 8}}}
+    (tmp_path / "plateau.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(tmp_path / "plateau.yaml")])
+    state = torch.load(tmp_path / "lightning_logs" / "default" / "version_0" / "checkpoints" / "last.ckpt",
+                       weights_only=False)
+    saved = state["callbacks"]["DepthRefinementCallback"]
+    assert saved["schedule"]["decisions"] == [2, 3] and [entry["epoch"] for entry in saved["history"]] == [2]
+    assert state["state_dict"]["model.stages.0.resolution.n_steps"].item() == 2
