@@ -9,7 +9,8 @@ epoch), one thread (``benchmarks/_experiment.py``). *refined* starts at 1 step a
 The study, in the order its jobs run (two at a time, each in its own process, ``nice``; every finished run appends
 its row to ``OUT/runs.csv`` at once, so a partial study can be read and resumed):
 
-1. the learning rate of each method on seed 0 from ``--lrs``, chosen on the validation split;
+1. the learning rate of each method on seed 0, chosen on the validation split: 0.1 and 0.2, then one more rate
+   (half the smaller or twice the larger) beyond the better one;
 2. seeds 1 and 2 of both methods at their rates (claim (c): test accuracy, wall time and process CPU time, with the
    load average while each ran);
 3. claims (b) and (d) on the six trained models: every scheme and step count as trained and with BatchNorm
@@ -104,20 +105,31 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def chosen_rate(rows: Sequence[dict[str, Any]], method: str, lrs: Sequence[float], seed: int) -> float | None:
-    """The rate of ``lrs`` with the best validation accuracy of ``method`` on ``seed``, once all have run."""
-    plain = {row["lr"]: row["val_acc"] for row in rows
-             if (row["method"], row["variant"], row["seed"]) == (method, "plain", seed)}
-    if any(lr not in plain for lr in lrs):
-        return None
-    return max(lrs, key=lambda lr: plain[lr])
+def rate_search(rows: Sequence[dict[str, Any]], method: str, lrs: Sequence[float], seed: int, most: int
+                ) -> tuple[list[float], float | None]:
+    """The learning rates ``method`` runs on ``seed`` and the one chosen on validation (``None`` until known).
+
+    All of ``lrs`` run first; while the best validation accuracy is at an end of the rates run, the grid grows by a
+    factor 2 beyond that end, up to ``most`` rates, so that the chosen rate is inside the grid when the budget allows.
+    """
+    val = {row["lr"]: row["val_acc"] for row in rows
+           if (row["method"], row["variant"], row["seed"]) == (method, "plain", seed)}
+    rates = sorted(lrs)
+    while all(lr in val for lr in rates):
+        best = max(rates, key=lambda lr: val[lr])
+        if len(rates) >= most or rates[0] < best < rates[-1]:
+            return rates, best
+        rates = [best / 2, *rates] if best == rates[0] else [*rates, best * 2]
+    return rates, None
 
 
-def plan(rows: Sequence[dict[str, Any]], lrs: Sequence[float], seeds: Sequence[int], variants: Sequence[str]
-         ) -> tuple[list[Job], bool]:
+def plan(rows: Sequence[dict[str, Any]], lrs: Sequence[float], seeds: Sequence[int], variants: Sequence[str],
+         most: int = 3) -> tuple[list[Job], bool]:
     """Every job whose inputs exist, in the order they should run, and whether more jobs will follow."""
-    jobs = [Job("train", method, seeds[0], lr) for lr in lrs for method in ("refined", "full")]
-    rates = {method: chosen_rate(rows, method, lrs, seeds[0]) for method in ("refined", "full")}
+    searches = {method: rate_search(rows, method, lrs, seeds[0], most) for method in ("refined", "full")}
+    jobs = [Job("train", method, seeds[0], lr) for method in ("refined", "full") for lr in searches[method][0]]
+    jobs.sort(key=lambda job: (job.lr not in lrs, lrs.index(job.lr) if job.lr in lrs else 0))  # pairs first
+    rates = {method: chosen for method, (_, chosen) in searches.items()}
     if None in rates.values():
         return jobs, True
     jobs += [Job("train", method, seed, rates[method]) for seed in seeds[1:] for method in ("refined", "full")]
@@ -231,7 +243,7 @@ def drive(out: Path, args: argparse.Namespace) -> None:
             else:
                 path.unlink()
         rows = read_rows(out / "runs.csv")
-        jobs, more = plan(rows, args.lrs, args.seeds, args.variants)
+        jobs, more = plan(rows, args.lrs, args.seeds, args.variants, args.most_rates)
         failed = {path.name for path in (out / "failed").iterdir()} if (out / "failed").is_dir() else set()
         ready = [job for job in jobs if not is_done(out, rows, job) and job.key not in busy | failed]
         if not ready and not busy and not more:
@@ -286,7 +298,9 @@ def run_job(out: Path, key: str, quick: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="outputs/fashion")
-    parser.add_argument("--lrs", nargs="+", type=float, default=[0.1, 0.2, 0.05])
+    parser.add_argument("--lrs", nargs="+", type=float, default=[0.1, 0.2], help="the rates every method runs")
+    parser.add_argument("--most-rates", type=int, default=3,
+                        help="extend the rates by factors of 2 beyond the best one at an end, up to this many")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--workers", type=int, default=2, help="jobs at a time")
@@ -302,7 +316,7 @@ def main() -> None:
         run_job(out, args.job, args.quick)
         return
     if args.quick:
-        args.lrs, args.workers, args.poll = args.lrs[:2], 1, 0.5
+        args.lrs, args.most_rates, args.workers, args.poll = args.lrs[:2], 2, 1, 0.5
     if not args.summary:
         drive(out, args)
     text = tables(out, args.lrs, args.seeds)
