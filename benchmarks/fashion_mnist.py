@@ -201,16 +201,143 @@ def analyze_job(out: Path, job: Job, quick: bool) -> None:
         write_csv(rows, target / "manifestation.csv")
         write_csv(compression_sweep(model, test, pairs=((2, 2), (1, 1)) if quick else PAIRS, progress=False),
                   target / "compression.csv")
-    kernels, _ = depth_profile(model, label=job.method)
-    write_csv(kernels, target / "depth.csv")
+    pieces, stages = depth_profile(model, label=job.method)
+    write_csv(pieces, target / "depth.csv")
+    write_csv(stages, target / "depth_stages.csv")
     (target / "cost.json").write_text(json.dumps({"cpu_seconds": time.process_time() - start}))
 
 
 # ---------------------------------------------------------------------------------------------------- tables
-def tables(out: Path, lrs: Sequence[float], seeds: Sequence[int]) -> str:
-    """Markdown tables of what ``OUT`` holds."""
+def _mean_std(values: Sequence[float], digits: int = 2) -> str:
+    if not values:
+        return "not measured"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+
+
+def _median_range(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def claim_c(rows: Sequence[dict[str, Any]], lrs: Sequence[float], seeds: Sequence[int], most: int) -> list[str]:
+    """The learning-rate search, refined against full depth at their rates, and the variants of the refined run."""
+    rates = {method: rate_search(rows, method, lrs, seeds[0], most) for method in ("refined", "full")}
+    lines = [f"\nLearning rates on seed {seeds[0]} (chosen: best validation accuracy, **bold**).\n",
+             "| method | lr | val % | test % | stages off % | wall s | CPU s | load |", "|---|---|---|---|---|---|---|---|"]
+    for method, (tried, chosen) in rates.items():
+        for lr in tried:
+            for row in rows:
+                if (row["method"], row["variant"], row["seed"], row["lr"]) == (method, "plain", seeds[0], lr):
+                    mark = "**" if lr == chosen else ""
+                    lines.append(f"| {method} | {mark}{lr:g}{mark} | {row['val_acc']:.2f} | {row['test_acc']:.2f} | "
+                                 f"{row['test_acc_stages_off']:.2f} | {row['wall']:.0f} | {row['cpu']:.0f} | "
+                                 f"{row['load']:.1f} |")
+    chosen = {method: rate for method, (_, rate) in rates.items()}
+    if None in chosen.values():
+        return lines + ["\nThe learning-rate search has not finished."]
+
+    def runs(variant: str, method: str = "refined") -> dict[int, dict[str, Any]]:
+        return {row["seed"]: row for row in rows if (row["method"], row["variant"], row["lr"]) ==
+                (method, variant, chosen[method])}
+
+    full = runs("plain", "full")
+    lines += [f"\nRefined against full depth at their rates, seeds {list(seeds)}: mean ± std over seeds; per seed, the "
+              "refined run's wall time and CPU time over the full-depth run's of the same seed (median, range).\n",
+              "| run | lr | seeds | test % | difference to full, points | stages off % | final steps | refined at "
+              "| wall / full | CPU / full | CPU min | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    variants = ["plain", *VARIANTS]
+    for method, variant in [("full", "plain")] + [("refined", v) for v in variants]:
+        picked = runs(variant, method)
+        label = method if variant == "plain" else f"refined, {VARIANTS[variant][0]}"
+        if not picked:
+            lines.append(f"| {label} | {chosen[method]:g} | - | not measured | | | | | | | | |")
+            continue
+        paired = [seed for seed in picked if seed in full]
+        differences = [picked[s]["test_acc"] - full[s]["test_acc"] for s in paired]
+        walls = [picked[s]["wall"] / full[s]["wall"] for s in paired]
+        cpus = [picked[s]["cpu"] / full[s]["cpu"] for s in paired]
+        values = list(picked.values())
+        lines.append(
+            f"| {label} | {chosen[method]:g} | {len(values)} | {_mean_std([r['test_acc'] for r in values])} | "
+            f"{_mean_std(differences) if method == 'refined' else '-'} | "
+            f"{_mean_std([r['test_acc_stages_off'] for r in values], 1)} | "
+            f"{', '.join(str(r['final_steps']) for r in values)} | "
+            f"{'; '.join(r['refine_epochs'] or '-' for r in values) if method == 'refined' else '-'} | "
+            f"{_median_range(walls) if method == 'refined' else '1'} | {_median_range(cpus) if method == 'refined' else '1'} | "
+            f"{_mean_std([r['cpu'] / 60 for r in values], 1)} | {min(r['load'] for r in values):.1f}-"
+            f"{max(r['load'] for r in values):.1f} |")
+    return lines
+
+
+def claims_b_d(out: Path, seeds: Sequence[int]) -> list[str]:
+    """Accuracy at other schemes and step counts (b), compression (d) and the smoothness of theta(t)."""
+    done = {(m, s): out / "analysis" / f"{m}_s{s}" for m in ("refined", "full") for s in seeds
+            if (out / "analysis" / f"{m}_s{s}" / "cost.json").is_file()}
+    if not done:
+        return ["\nClaims (b) and (d): not measured yet."]
+    lines = []
+    sweeps = {key: _read_csv(path / "manifestation.csv") for key, path in done.items()}
+    steps = sorted({int(r["n_steps"]) for rows in sweeps.values() for r in rows if r["scheme"] != "stages_off"})
+    for mode in ("as trained", "recalibrated"):
+        lines += [f"\n(b) Test accuracy (%, first {SWEEP_IMAGES} test images) by scheme and steps per stage, BatchNorm "
+                  f"statistics {mode}; mean ± std over the seeds measured; **bold**: the training manifestation.\n",
+                  "| model | seeds | scheme | stages off | " + " | ".join(f"N={n}" for n in steps) + " |",
+                  "|---|---|---|---|" + "---|" * len(steps)]
+        for method in ("refined", "full"):
+            keys = [key for key in done if key[0] == method]
+            if not keys:
+                continue
+            off = _mean_std([100 * float(r["accuracy"]) for key in keys for r in sweeps[key]
+                             if r["scheme"] == "stages_off"], 1)
+            for scheme in SCHEMES:
+                cells = []
+                for n in steps:
+                    picked = [r for key in keys for r in sweeps[key]
+                              if (r["scheme"], int(r["n_steps"]), r["bn"]) == (scheme, n, mode)]
+                    text = _mean_std([100 * float(r["accuracy"]) for r in picked], 1)
+                    cells.append(f"**{text}**" if picked and picked[0]["trained"] == "True" else text)
+                lines.append(f"| {method} | {len(keys)} | {scheme} | {off} | " + " | ".join(cells) + " |")
+    lines += ["\n(d) Compression without data (L2 projection onto K pieces, N steps per stage): test accuracy (%, all "
+              "10,000 test images), mean ± std over the seeds measured; K = N = 0 is the stages-off baseline.\n"]
+    compression = {key: _read_csv(path / "compression.csv") for key, path in done.items()}
+    first = next(iter(compression.values()))
+    pairs = [(int(r["n_basis"]), int(r["n_steps"])) for r in first]
+    lines += ["| model | seeds | " + " | ".join("stages off" if k == 0 else f"K={k}, N={n}" for k, n in pairs) + " |",
+              "|---|---|" + "---|" * len(pairs)]
+    for method in ("refined", "full"):
+        keys = [key for key in done if key[0] == method]
+        if keys:
+            cells = [_mean_std([100 * float(r["accuracy"]) for key in keys for r in compression[key]
+                                if (int(r["n_basis"]), int(r["n_steps"])) == pair], 1) for pair in pairs]
+            lines.append(f"| {method} | {len(keys)} | " + " | ".join(cells) + " |")
+    lines.append("| parameters | | " + " | ".join(f"{int(r['parameters']):,}" for r in first) + " |")
+    lines += ["\nMean relative jump between neighbouring pieces of theta(t), per stage (0: pieces equal; ~1.4: "
+              "unrelated), mean ± std over the seeds measured.\n", "| model | stage 0 | stage 1 | stage 2 |", "|---|---|---|---|"]
+    for method in ("refined", "full"):
+        keys = [key for key in done if key[0] == method and (done[key] / "depth_stages.csv").is_file()]
+        if keys:
+            stages = [_read_csv(done[key] / "depth_stages.csv") for key in keys]
+            cells = [_mean_std([float(r["mean_relative_jump"]) for rows in stages for r in rows if int(r["stage"]) == i],
+                               3) for i in range(3)]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    costs = [json.loads((path / "cost.json").read_text())["cpu_seconds"] for path in done.values()]
+    lines.append(f"\nStudy of one model: {statistics.mean(costs) / 60:.1f} CPU-minutes on average.")
+    return lines
+
+
+def tables(out: Path, lrs: Sequence[float], seeds: Sequence[int], most: int = 3) -> str:
+    """Markdown tables of what ``OUT`` holds (missing parts are marked as not measured)."""
     rows = read_rows(out / "runs.csv")
-    return "\n".join(", ".join(f"{key}={value}" for key, value in row.items()) for row in rows) + "\n"
+    total = sum(row["cpu"] for row in rows) / 3600
+    head = [f"# Fashion-MNIST study ({len(rows)} runs, {total:.2f} CPU-hours of training)"]
+    return "\n".join(head + claim_c(rows, lrs, seeds, most) + claims_b_d(out, seeds)) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------- driver
@@ -319,7 +446,7 @@ def main() -> None:
         args.lrs, args.most_rates, args.workers, args.poll = args.lrs[:2], 2, 1, 0.5
     if not args.summary:
         drive(out, args)
-    text = tables(out, args.lrs, args.seeds)
+    text = tables(out, args.lrs, args.seeds, args.most_rates)
     (out / "fashion_mnist.md").write_text(text)
     print(text)
 
