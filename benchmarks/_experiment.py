@@ -49,7 +49,9 @@ class RunConfig:
         limit_train_batches: Lightning's ``limit_train_batches`` (smoke runs).
         limit_eval_batches: Lightning's ``limit_val_batches`` and ``limit_test_batches`` for the final measurements
             (smoke runs).
-        data: ``"hard-digits"`` (``image_size`` applies) or ``"fashion-mnist"`` (28x28, 5,000 validation images).
+        data: ``"hard-digits"`` (``image_size`` applies) or ``"fashion-mnist"`` (28x28).
+        data_dir: the folder searched first for Fashion-MNIST's files (then the system's, see ``IDXDataModule``).
+        val_size: Fashion-MNIST's training images held out for validation.
         batch_size: samples per batch.
         plateau_patience: if set, refine (``len(refine_at)`` times at most) when validation accuracy, measured after
             every epoch, has not risen by ``plateau_min_delta`` for this many epochs
@@ -74,6 +76,8 @@ class RunConfig:
     limit_train_batches: float | int = 1.0
     limit_eval_batches: float | int = 1.0
     data: str = "hard-digits"
+    data_dir: str = "data"
+    val_size: int = 5000
     batch_size: int = 64
     plateau_patience: int | None = None
     plateau_min_delta: float = 0.0
@@ -147,7 +151,8 @@ def datamodule(config: RunConfig) -> pl.LightningDataModule:
     if config.data == "hard-digits":
         return HardDigitsDataModule(image_size=config.image_size, batch_size=config.batch_size, seed=config.seed)
     if config.data == "fashion-mnist":
-        return IDXDataModule(dataset="fashion-mnist", batch_size=config.batch_size, seed=config.seed)
+        return IDXDataModule(dataset="fashion-mnist", data_dir=config.data_dir, val_size=config.val_size,
+                             batch_size=config.batch_size, seed=config.seed)
     raise ValueError(f"data={config.data!r} is not known: expected one of {DATASETS}")
 
 

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _experiment import RunConfig, run, set_threads
+from _experiment import RunConfig, datamodule, run, set_threads
 
 BASE = RunConfig(data="fashion-mnist", batch_size=128, scheme="midpoint", final_steps=4, refine_at=(2, 3), T=2.0,
                  epochs=4)
@@ -172,22 +172,21 @@ def train_job(out: Path, job: Job, base: RunConfig) -> dict[str, Any]:
     return row
 
 
-def analyze_job(out: Path, job: Job, quick: bool) -> None:
+def analyze_job(out: Path, job: Job, base: RunConfig, quick: bool) -> None:
     """Claims (b) and (d) and the depth profile of one trained model, written to ``OUT/analysis/<method>_s<seed>``."""
     import torch
     from torch.utils.data import DataLoader, Subset
 
     from lightning_cnet.analysis import as_batches, compression_sweep, depth_profile, manifestation_sweep
     from lightning_cnet.analysis._files import write_csv
-    from lightning_cnet.data import IDXDataModule
     from lightning_cnet.module import ContinuousNetClassifier
 
     task = ContinuousNetClassifier.load_from_checkpoint(checkpoint_path(out, Job("train", job.method, job.seed,
                                                                                  job.lr)), map_location="cpu")
     model = task.model.eval()
-    dm = IDXDataModule(dataset="fashion-mnist", batch_size=128, seed=job.seed)
+    dm = datamodule(base.replace(seed=job.seed))
     dm.setup(None)
-    images = 256 if quick else SWEEP_IMAGES
+    images = min(256 if quick else SWEEP_IMAGES, len(dm.test_dataset))
     sweep = as_batches(DataLoader(Subset(dm.test_dataset, range(images)), batch_size=128))
     test = sweep if quick else as_batches(DataLoader(dm.test_dataset, batch_size=128))
     recalibration = [images for images, _ in DataLoader(dm.train_dataset, batch_size=128)][
@@ -332,6 +331,53 @@ def claims_b_d(out: Path, seeds: Sequence[int]) -> list[str]:
     return lines
 
 
+def figures(out: Path, lrs: Sequence[float], seeds: Sequence[int], most: int = 3) -> list[Path]:
+    """``OUT/figures``: test accuracy against CPU time of every run at the chosen rates (claim (c)), and, for the
+    first seed studied, the manifestation sweep of both models and the compression of the refined one."""
+    from lightning_cnet.analysis.plots import _pyplot, _save, plot_compression, plot_manifestation
+
+    target = out / "figures"
+    written = []
+    rows = read_rows(out / "runs.csv")
+    chosen = {method: rate_search(rows, method, lrs, seeds[0], most)[1] for method in ("refined", "full")}
+    if None not in chosen.values():
+        plt = _pyplot()
+        figure, ax = plt.subplots(figsize=(7.5, 4.5))
+        groups = [("full", "plain", "full depth"), ("refined", "plain", "refined")] + [
+            ("refined", key, f"refined, {label}") for key, (label, _) in VARIANTS.items()]
+        off = []
+        for index, (method, variant, label) in enumerate(groups):
+            picked = [r for r in rows if (r["method"], r["variant"], r["lr"]) == (method, variant, chosen[method])]
+            off += [r["test_acc_stages_off"] for r in picked]
+            if picked:
+                ax.plot([r["cpu"] / 60 for r in picked], [r["test_acc"] for r in picked], linestyle="none",
+                        marker="os^v<>D"[index % 7], color=f"C{index}", label=label)
+        ax.set_xlabel("CPU minutes of training (one thread)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"Fashion-MNIST: one point per run (stages off: {min(off):.0f}-{max(off):.0f}%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        written.append(_save(figure, target / "refinement_fashion_mnist.png"))
+    studied = [seed for seed in seeds if all((out / "analysis" / f"{m}_s{seed}" / "cost.json").is_file()
+                                              for m in ("refined", "full"))]
+    if studied:
+        seed = studied[0]
+
+        def typed(path: Path) -> list[dict[str, Any]]:
+            return [{**row, "n_steps": int(row["n_steps"]), "accuracy": float(row["accuracy"]),
+                     "logit_distance": float(row["logit_distance"]), "trained": row["trained"] == "True"}
+                    for row in _read_csv(path)]
+
+        sweeps = {f"{m} s{seed}": typed(out / "analysis" / f"{m}_s{seed}" / "manifestation.csv")
+                  for m in ("refined", "full")}
+        written.append(plot_manifestation(sweeps, target / "manifestation_fashion_mnist.png"))
+        compression = [{**row, **{key: int(row[key]) for key in ("n_basis", "n_steps", "parameters")},
+                        "accuracy": float(row["accuracy"]), "ms_per_batch": float(row["ms_per_batch"])}
+                       for row in _read_csv(out / "analysis" / f"refined_s{seed}" / "compression.csv")]
+        written.append(plot_compression(compression, target / "compression_fashion_mnist.png", trained=(4, 4)))
+    return written
+
+
 def tables(out: Path, lrs: Sequence[float], seeds: Sequence[int], most: int = 3) -> str:
     """Markdown tables of what ``OUT`` holds (missing parts are marked as not measured)."""
     rows = read_rows(out / "runs.csv")
@@ -400,22 +446,21 @@ def _start(out: Path, job: Job, args: argparse.Namespace) -> subprocess.Popen:
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     command = ["nice", "-n", str(args.nice), sys.executable, __file__, "--job", job.key, "--out", str(out)]
-    if args.quick:
-        command.append("--quick")
+    command += ["--data-dir", args.data_dir, "--val-size", str(args.val_size)] + (["--quick"] if args.quick else [])
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with (logs / f"{job.key.replace(':', '_')}.log").open("w") as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment,
                                 start_new_session=True)
 
 
-def run_job(out: Path, key: str, quick: bool) -> None:
+def run_job(out: Path, key: str, quick: bool, data_dir: str, val_size: int) -> None:
     job = Job.parse(key)
-    base = BASE.replace(**QUICK) if quick else BASE
+    base = (BASE.replace(**QUICK) if quick else BASE).replace(data_dir=data_dir, val_size=val_size)
     try:
         if job.kind == "train":
             print(train_job(out, job, base), flush=True)
         else:
-            analyze_job(out, job, quick)
+            analyze_job(out, job, base, quick)
     except Exception:
         (out / "failed").mkdir(exist_ok=True)
         (out / "failed" / key).touch()
@@ -434,13 +479,16 @@ def main() -> None:
     parser.add_argument("--nice", type=int, default=5)
     parser.add_argument("--poll", type=float, default=30.0, help="seconds between looks at the running jobs")
     parser.add_argument("--summary", action="store_true", help="print the tables of OUT, run nothing")
+    parser.add_argument("--data-dir", default="data",
+                        help="searched first for the four files (then /usr/share/datasets/fashion-mnist)")
+    parser.add_argument("--val-size", type=int, default=5000, help="training images held out for validation")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 short epochs, lrs 0.1 0.2, seeds 0 1 2")
     parser.add_argument("--job", help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = Path(args.out)
     set_threads(1)
     if args.job:
-        run_job(out, args.job, args.quick)
+        run_job(out, args.job, args.quick, args.data_dir, args.val_size)
         return
     if args.quick:
         args.lrs, args.most_rates, args.workers, args.poll = args.lrs[:2], 2, 1, 0.5
@@ -449,6 +497,8 @@ def main() -> None:
     text = tables(out, args.lrs, args.seeds, args.most_rates)
     (out / "fashion_mnist.md").write_text(text)
     print(text)
+    for path in figures(out, args.lrs, args.seeds, args.most_rates):
+        print("figure:", path)
 
 
 if __name__ == "__main__":
