@@ -129,13 +129,13 @@ def plan(rows: Sequence[dict[str, Any]], lrs: Sequence[float], seeds: Sequence[i
     searches = {method: rate_search(rows, method, lrs, seeds[0], most) for method in ("refined", "full")}
     jobs = [Job("train", method, seeds[0], lr) for method in ("refined", "full") for lr in searches[method][0]]
     jobs.sort(key=lambda job: (job.lr not in lrs, lrs.index(job.lr) if job.lr in lrs else 0))  # pairs first
-    rates = {method: chosen for method, (_, chosen) in searches.items()}
-    if None in rates.values():
-        return jobs, True
-    jobs += [Job("train", method, seed, rates[method]) for seed in seeds[1:] for method in ("refined", "full")]
-    jobs += [Job("analyze", method, seed, rates[method]) for seed in seeds for method in ("refined", "full")]
-    jobs += [Job("train", "refined", seed, rates["refined"], variant) for variant in variants for seed in seeds]
-    return jobs, False
+    rates = {method: chosen for method, (_, chosen) in searches.items() if chosen is not None}
+    # a method whose rate is known goes on with its seeds while the other one still searches
+    jobs += [Job("train", method, seed, rates[method]) for seed in seeds[1:] for method in rates]
+    jobs += [Job("analyze", method, seed, rates[method]) for seed in seeds for method in rates]
+    if "refined" in rates:
+        jobs += [Job("train", "refined", seed, rates["refined"], variant) for variant in variants for seed in seeds]
+    return jobs, len(rates) < 2
 
 
 # ---------------------------------------------------------------------------------------------------- one job
