@@ -20,7 +20,7 @@ from lightning_cnet.callbacks.manifestation_monitor import ManifestationMonitorM
 from lightning_cnet.callbacks.nonfinite_guard import NonFiniteError, NonFiniteGuardMixin
 from lightning_cnet.callbacks.optimizer_surgery import replace_parameters, stale_parameters
 from lightning_cnet.callbacks.quick_eval import Measurement, ValidationMetric, validation_metrics
-from lightning_cnet.callbacks.schedule import RefinementSchedule
+from lightning_cnet.callbacks.schedule import PlateauSchedule, RefinementSchedule
 
 #: Callbacks made concrete for ``pytorch_lightning``, imported on first access.
 _PYTORCH_LIGHTNING_CALLBACKS = ("DepthRefinementCallback", "ManifestationMonitor", "NonFiniteGuard")
@@ -39,6 +39,7 @@ __all__ = [
     "ManifestationMonitorMixin",
     "NonFiniteError",
     "NonFiniteGuardMixin",
+    "PlateauSchedule",
     "RefinementSchedule",
     "ValidationMetric",
     "is_refinable",

@@ -52,7 +52,7 @@ from lightning_cnet.ode_block import check_noise_std
 from lightning_cnet.recalibration import recalibrate_bn
 from lightning_cnet.callbacks.quick_eval import Measurement, MetricFunction, ValidationMetric, training_inputs
 from lightning_cnet.evaluation import defines
-from lightning_cnet.callbacks.schedule import RefineAt, RefinementSchedule
+from lightning_cnet.callbacks.schedule import PlateauSchedule, RefineAt, RefinementSchedule
 
 if TYPE_CHECKING:
     from lightning_cnet._namespace import Namespace
@@ -139,8 +139,10 @@ class DepthRefinementMixin:
 
     Args:
         refine_at: epochs (0-based, strictly increasing ints), fractions of ``max_epochs`` (floats in
-            ``(0, 1)``), or a callable ``epoch -> bool``; the refinement happens at the start of the epoch.
-        max_refinements: refine at most this many times.
+            ``(0, 1)``), a callable ``epoch -> bool``, or a
+            :class:`~lightning_cnet.callbacks.PlateauSchedule` that decides from a validation metric; the
+            refinement happens at the start of the epoch.
+        max_refinements: refine at most this many times (a ``PlateauSchedule`` takes its own).
         max_n_steps: never refine a model past this many steps per stage.
         optimizer_state: ``"interpolate"`` (default) or ``"reset"`` the state of refined parameters.
         noise_std: multiply the refined convolution weights by ``1 + noise_std * N(0, 1)`` (the paper:
@@ -214,7 +216,7 @@ class DepthRefinementMixin:
 
     def __init__(
         self,
-        refine_at: RefineAt,
+        refine_at: RefineAt | PlateauSchedule,
         *,
         max_refinements: int | None = None,
         max_n_steps: int | None = None,
@@ -230,7 +232,12 @@ class DepthRefinementMixin:
         verbose: bool = True,
     ) -> None:
         super().__init__()
-        self.schedule = RefinementSchedule(refine_at, max_refinements=max_refinements)
+        if isinstance(refine_at, PlateauSchedule):
+            if max_refinements is not None:
+                raise ValueError("max_refinements goes to the PlateauSchedule itself, not to the callback")
+            self.schedule: RefinementSchedule | PlateauSchedule = refine_at
+        else:
+            self.schedule = RefinementSchedule(refine_at, max_refinements=max_refinements)
         self._key_settings = {"refine_at": stable_description(refine_at), "max_refinements": max_refinements,
                               "max_n_steps": max_n_steps}
         if max_n_steps is not None and (isinstance(max_n_steps, bool) or not isinstance(max_n_steps, int)
@@ -304,6 +311,8 @@ class DepthRefinementMixin:
                 "backbone yourself with lightning_cnet.recalibrate_bn"
             )
         self.schedule.resolve(trainer.max_epochs, self.lightning.MisconfigurationException)
+        if isinstance(self.schedule, PlateauSchedule):
+            self.schedule.check_trainer(trainer, self.lightning.MisconfigurationException)
         if self.base_n_steps is None:
             self.base_n_steps = [_n_steps(net) for net in nets]
         if len(self.base_n_steps) != len(nets):
@@ -354,6 +363,11 @@ class DepthRefinementMixin:
             if refined:
                 pl_module.log("refinement/refined", 1.0, on_step=False, on_epoch=True, sync_dist=True)
 
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        """Let a :class:`~lightning_cnet.callbacks.PlateauSchedule` decide from this validation run's metric."""
+        if isinstance(self.schedule, PlateauSchedule) and not trainer.sanity_checking:
+            self.schedule.update(trainer)
+
     def _catch_up(self, trainer: Any, pl_module: Any) -> tuple[int, bool]:
         """Refine until the model's level is the one the schedule asks for at the current epoch; return the level
         and whether a refinement happened. Deciding from the model's level (not from hooks seen) never refines twice
@@ -370,15 +384,20 @@ class DepthRefinementMixin:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """The refinement history and the resolution training started from."""
-        return {"history": [dict(entry) for entry in self.history],
-                "base_n_steps": None if self.base_n_steps is None else [list(n) for n in self.base_n_steps]}
+        """The refinement history, the resolution training started from, and a plateau schedule's decisions."""
+        state = {"history": [dict(entry) for entry in self.history],
+                 "base_n_steps": None if self.base_n_steps is None else [list(n) for n in self.base_n_steps]}
+        if isinstance(self.schedule, PlateauSchedule):
+            state["schedule"] = self.schedule.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved."""
         self.history = [dict(entry) for entry in state_dict.get("history", [])]
         base = state_dict.get("base_n_steps")
         self.base_n_steps = None if base is None else [tuple(n) for n in base]
+        if isinstance(self.schedule, PlateauSchedule) and "schedule" in state_dict:
+            self.schedule.load_state_dict(state_dict["schedule"])
 
     # ------------------------------------------------------------------ levels
     def current_level(self, nets: list[nn.Module]) -> int:

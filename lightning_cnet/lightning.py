@@ -32,6 +32,7 @@ from lightning_cnet.data._lightning import (  # noqa: E402
     DigitCanvasDataModule,
     DigitsDataModule,
     HardDigitsDataModule,
+    IDXDataModule,
     ImageFolderDataModule,
 )
 
@@ -75,6 +76,7 @@ __all__ = [
     "DigitCanvasDataModule",
     "DigitsDataModule",
     "HardDigitsDataModule",
+    "IDXDataModule",
     "ImageFolderDataModule",
     "ManifestationMonitor",
     "NonFiniteError",

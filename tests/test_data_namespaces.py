@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 from test_data import write_cifar10, write_cifar100, write_png
+from test_mnist_data import write_dataset
 
 import lightning_cnet.data as pl_data
 
@@ -19,7 +20,7 @@ L = pytest.importorskip("lightning.pytorch")
 import lightning_cnet.lightning as lightning_twins  # noqa: E402
 
 NAMES = ("DigitsDataModule", "HardDigitsDataModule", "CIFAR10DataModule", "CIFAR100DataModule",
-         "ImageFolderDataModule")
+         "ImageFolderDataModule", "IDXDataModule")
 
 
 SNAPSHOT = "print(' '.join(sorted({name.split('.')[0] for name in sys.modules})))"
@@ -46,15 +47,17 @@ def test_importing_the_data_package_and_the_twins_leaves_pytorch_lightning_out()
 
 @pytest.fixture
 def data_roots(tmp_path: Path) -> dict[str, Path]:
-    """CIFAR-10/100 in their genuine on-disk format and a three-class image folder, all tiny."""
+    """CIFAR-10/100 and IDX files in their genuine on-disk format and a three-class image folder, all tiny."""
     write_cifar10(tmp_path / "cifar10")
+    write_dataset(tmp_path / "idx")
     write_cifar100(tmp_path / "cifar100")
     rng = np.random.default_rng(0)
     for name in ("cat", "dog", "fish"):
         for i in range(4):
             pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
             write_png(tmp_path / "folder" / "train" / name / f"{i}.png", pixels)
-    return {"cifar10": tmp_path / "cifar10", "cifar100": tmp_path / "cifar100", "folder": tmp_path / "folder"}
+    return {"cifar10": tmp_path / "cifar10", "cifar100": tmp_path / "cifar100", "folder": tmp_path / "folder",
+            "idx": tmp_path / "idx"}
 
 
 def options(name: str, roots: dict[str, Path]) -> dict:
@@ -65,6 +68,7 @@ def options(name: str, roots: dict[str, Path]) -> dict:
         "CIFAR100DataModule": {"data_dir": str(roots["cifar100"]), "batch_size": 4, "num_workers": 0, "val_size": 5},
         "ImageFolderDataModule": {"root": str(roots["folder"]), "image_size": 8, "batch_size": 4, "num_workers": 0,
                                   "val_fraction": 0.25},
+        "IDXDataModule": {"dataset": "idx", "data_dir": str(roots["idx"]), "batch_size": 4, "val_size": 8},
     }[name]
 
 

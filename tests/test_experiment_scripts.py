@@ -98,3 +98,47 @@ def test_claims_quick_run_writes_every_table(tmp_path):
     assert (out / "analysis" / "manifestation_overlay.png").stat().st_size > 0
     resumed = run_script("claims.py", "--quick", "--resume", "--out", str(out), cwd=tmp_path)
     assert resumed.returncode == 0 and " fit " not in resumed.stdout, "a resumed run trains nothing again"
+
+
+@pytest.fixture
+def fashion(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module("fashion_mnist")
+
+
+def test_fashion_rate_search_grows_the_grid_beyond_the_best_end(fashion):
+    """Hand-made validation accuracies: 0.2 beats 0.1, so 0.4 runs next; then 0.2 is inside the grid and chosen."""
+    rows = [{"method": "full", "variant": "plain", "seed": 0, "lr": lr, "val_acc": acc}
+            for lr, acc in ((0.1, 80.0), (0.2, 85.0))]
+    assert fashion.rate_search(rows, "full", [0.1, 0.2], 0, most=3) == ([0.1, 0.2, 0.4], None)
+    rows.append({"method": "full", "variant": "plain", "seed": 0, "lr": 0.4, "val_acc": 84.0})
+    assert fashion.rate_search(rows, "full", [0.1, 0.2], 0, most=3) == ([0.1, 0.2, 0.4], 0.2)
+    # the best at the lower end, with room for one more rate: half of it (0.4 was not asked for); with none: the end
+    low = [{**row, "val_acc": 90.0 - 10 * row["lr"]} for row in rows]
+    assert fashion.rate_search(low, "full", [0.1, 0.2], 0, most=3) == ([0.05, 0.1, 0.2], None)
+    assert fashion.rate_search(low, "full", [0.1, 0.2], 0, most=2) == ([0.1, 0.2], 0.1)
+    jobs, more = fashion.plan(rows + [{**row, "method": "refined"} for row in rows], [0.1, 0.2], [0, 1], ["reset"])
+    assert not more and [job.key for job in jobs[6:]] == [
+        "train:refined:plain:0.2:1", "train:full:plain:0.2:1", "analyze:refined:plain:0.2:0",
+        "analyze:full:plain:0.2:0", "analyze:refined:plain:0.2:1", "analyze:full:plain:0.2:1",
+        "train:refined:reset:0.2:0", "train:refined:reset:0.2:1"]
+
+
+@pytest.mark.slow
+def test_fashion_quick_study_on_tiny_idx_files(tmp_path):
+    """The whole pipeline (rate search, seeds, (b)/(d) studies, variants, tables, figures) on IDX files written here."""
+    from test_mnist_data import write_dataset
+
+    write_dataset(tmp_path / "data")
+    run = run_script("fashion_mnist.py", "--quick", "--out", str(tmp_path / "study"), "--seeds", "0", "--variants",
+                     "plateau", "restart", "--val-size", "8", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = rows_of(tmp_path / "study" / "runs.csv")
+    assert sorted((row["method"], row["variant"]) for row in rows) == sorted(
+        [("refined", "plain")] * 2 + [("full", "plain")] * 2 + [("refined", "plateau"), ("refined", "restart")])
+    assert all(float(row["cpu"]) > 0 and float(row["load"]) >= 0 for row in rows)
+    text = (tmp_path / "study" / "fashion_mnist.md").read_text()
+    for heading in ("Learning rates on seed 0", "Refined against full depth", "(b) Test accuracy", "(d) Compression"):
+        assert heading in text
+    assert "not measured" in text  # the variants left out
+    assert (tmp_path / "study" / "figures" / "manifestation_fashion_mnist.png").stat().st_size > 0

@@ -1,4 +1,5 @@
-"""LightningDataModules: offline digits (plain, distorted, and on a canvas with masks), CIFAR-10/100, any image folder.
+"""LightningDataModules: offline digits (plain, distorted, and on a canvas with masks), the MNIST family,
+CIFAR-10/100 and any image folder.
 
 Every DataModule exposes ``num_classes``, ``in_chans`` and ``image_size`` right after it is
 built, so that a model can be sized from it before ``setup``. The training order of epoch ``e``
@@ -26,6 +27,7 @@ from lightning_cnet.data.canvas import DigitCanvasDataMixin
 from lightning_cnet.data.cifar import CIFAR10DataMixin, CIFAR100DataMixin
 from lightning_cnet.data.digits import AffineNoise, DigitsDataMixin, HardDigitsDataMixin
 from lightning_cnet.data.folder import ImageFolderDataMixin
+from lightning_cnet.data.idx import IDXDataMixin
 from lightning_cnet.data.sampling import EpochKeySampler, EpochSampler, ResumableDataLoader
 
 #: DataModules made concrete for ``pytorch_lightning``, imported on first access.
@@ -35,6 +37,7 @@ _PYTORCH_LIGHTNING_DATAMODULES = (
     "DigitCanvasDataModule",
     "DigitsDataModule",
     "HardDigitsDataModule",
+    "IDXDataModule",
     "ImageFolderDataModule",
 )
 
@@ -56,6 +59,7 @@ __all__ = [
     "EpochKeySampler",
     "EpochSampler",
     "HardDigitsDataMixin",
+    "IDXDataMixin",
     "ImageFolderDataMixin",
     "ResumableDataLoader",
     "SplitDataMixin",

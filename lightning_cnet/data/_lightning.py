@@ -10,6 +10,7 @@ from lightning_cnet.data.canvas import DigitCanvasDataMixin
 from lightning_cnet.data.cifar import CIFAR10DataMixin, CIFAR100DataMixin
 from lightning_cnet.data.digits import DigitsDataMixin, HardDigitsDataMixin
 from lightning_cnet.data.folder import ImageFolderDataMixin
+from lightning_cnet.data.idx import IDXDataMixin
 
 L = lightning_namespace().module
 
@@ -44,11 +45,17 @@ class ImageFolderDataModule(ImageFolderDataMixin, L.LightningDataModule):
     __module__ = "lightning_cnet.lightning"
 
 
+class IDXDataModule(IDXDataMixin, L.LightningDataModule):
+    __doc__ = IDXDataMixin.__doc__
+    __module__ = "lightning_cnet.lightning"
+
+
 __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "DigitCanvasDataModule",
     "DigitsDataModule",
     "HardDigitsDataModule",
+    "IDXDataModule",
     "ImageFolderDataModule",
 ]

@@ -8,6 +8,7 @@ from lightning_cnet.data.canvas import DigitCanvasDataMixin
 from lightning_cnet.data.cifar import CIFAR10DataMixin, CIFAR100DataMixin
 from lightning_cnet.data.digits import DigitsDataMixin, HardDigitsDataMixin
 from lightning_cnet.data.folder import ImageFolderDataMixin
+from lightning_cnet.data.idx import IDXDataMixin
 
 
 class DigitsDataModule(DigitsDataMixin, pl.LightningDataModule):
@@ -40,11 +41,17 @@ class ImageFolderDataModule(ImageFolderDataMixin, pl.LightningDataModule):
     __module__ = "lightning_cnet.data"
 
 
+class IDXDataModule(IDXDataMixin, pl.LightningDataModule):
+    __doc__ = IDXDataMixin.__doc__
+    __module__ = "lightning_cnet.data"
+
+
 __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "DigitCanvasDataModule",
     "DigitsDataModule",
     "HardDigitsDataModule",
+    "IDXDataModule",
     "ImageFolderDataModule",
 ]
