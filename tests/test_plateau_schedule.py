@@ -135,7 +135,7 @@ def test_resume_refines_where_the_uninterrupted_run_did(tmp_path, checkpoint):
     saver = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     pl.Trainer(**trainer_options(callbacks=[callback, saver], enable_checkpointing=True, **options)).fit(
         task, datamodule=TinyDigits())
-    saved = torch.load(tmp_path / checkpoint, weights_only=False)["callbacks"]["DepthRefinementCallback"]
+    saved = torch.load(tmp_path / checkpoint, weights_only=False)["callbacks"][callback.state_key]
     assert saved["schedule"]["decisions"] == [2]
 
     pl.seed_everything(123)
@@ -187,6 +187,6 @@ def test_cli_config_takes_a_plateau_schedule(tmp_path, monkeypatch):
     main(["fit", "--config", str(tmp_path / "plateau.yaml")])
     state = torch.load(tmp_path / "lightning_logs" / "default" / "version_0" / "checkpoints" / "last.ckpt",
                        weights_only=False)
-    saved = state["callbacks"]["DepthRefinementCallback"]
+    saved = next(value for key, value in state["callbacks"].items() if key.startswith("DepthRefinementCallback"))
     assert saved["schedule"]["decisions"] == [2, 3] and [entry["epoch"] for entry in saved["history"]] == [2]
     assert state["state_dict"]["model.stages.0.resolution.n_steps"].item() == 2
