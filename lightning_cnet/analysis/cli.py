@@ -28,6 +28,7 @@ from typing import Any, NoReturn
 import torch
 import yaml
 
+import lightning_cnet
 from lightning_cnet.analysis._files import check_writable, write_atomically, write_csv
 from lightning_cnet.analysis.compression import check_pairs, compressed, compression_sweep, parse_pair
 from lightning_cnet.analysis.convergence import convergence_study
@@ -297,6 +298,7 @@ def _curve(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------- parser
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"{PROG} {lightning_cnet.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     schemes = f"schemes (default: all registered: {', '.join(list_schemes())})"
 
