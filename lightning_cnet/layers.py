@@ -325,6 +325,8 @@ class TimeBatchNorm2d(TimeDependent):
             mean = at_time([piece.running_mean for piece in pieces], nodes_here)
             var = at_time([piece.running_var for piece in pieces], nodes_here)
             return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+        if self._sums is not None and x.dtype in (torch.float32, torch.float64):
+            return self._normalise_and_record(x, nodes, weight, bias, eps)
         with torch.no_grad():
             batch_var, batch_mean = torch.var_mean(x.detach().to(torch.float64), dim=(0, 2, 3), correction=1)
             if self._sums is not None:
@@ -336,6 +338,21 @@ class TimeBatchNorm2d(TimeDependent):
                 for piece, share in zip(pieces, shares):
                     _update_running_statistics(piece, batch_mean, batch_var, share)
         return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+
+    def _normalise_and_record(self, x: torch.Tensor, nodes: NodeWeights, weight: torch.Tensor, bias: torch.Tensor,
+                              eps: float) -> torch.Tensor:
+        """While statistics are re-estimated: normalise with the batch statistics and add them to the sums of the
+        pieces read. ``batch_norm`` computes them once and hands them over in fresh buffers (momentum 1: the batch
+        mean and unbiased variance), which costs far less than a separate ``var_mean``."""
+        batch_mean = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
+        batch_var = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+        output = F.batch_norm(x, batch_mean, batch_var, weight, bias, True, 1.0, eps)
+        with torch.no_grad():
+            for index, share in nodes:
+                self._sums.weight[index] += share
+                self._sums.mean[index] += share * batch_mean.double()
+                self._sums.var[index] += share * batch_var.double()
+        return output
 
     @contextmanager
     def estimating_statistics(self) -> Iterator[None]:
