@@ -195,7 +195,8 @@ def _manifestation(args: argparse.Namespace) -> None:
     rows_by_label = {}
     for label, task in zip(inputs.labels, inputs.tasks):
         rows = manifestation_sweep(task.model, inputs.batches, schemes=args.schemes, n_steps=args.n_steps,
-                                   reference_steps=args.reference_steps, recalibration=inputs.recalibration,
+                                   reference_steps=args.reference_steps, reference_rtol=args.reference_rtol,
+                                   recalibration=inputs.recalibration,
                                    recalibration_batches=args.recalibration_batches)
         rows_by_label[label] = [{"checkpoint": label, **row} for row in rows]
     all_rows = [row for rows in rows_by_label.values() for row in rows]
@@ -203,6 +204,8 @@ def _manifestation(args: argparse.Namespace) -> None:
     picture = plot_manifestation(rows_by_label, inputs.out / "manifestation.png")
     _print_rows(all_rows, ["checkpoint", "scheme", "n_steps", "bn", "trained", "accuracy", "loss", "logit_distance",
                            "ms_per_batch", "function_evaluations"])
+    references = dict.fromkeys((row["checkpoint"], row["bn"], row["reference_steps"]) for row in all_rows)
+    print("reference: rk4 at " + ", ".join(f"{steps} steps ({label}, {mode})" for label, mode, steps in references))
     print(f"wrote {table} and {picture}")
 
 
@@ -320,7 +323,11 @@ def _parser() -> argparse.ArgumentParser:
     manifestation.add_argument("--schemes", nargs="+", help=schemes)
     manifestation.add_argument("--n_steps", nargs="+", type=int,
                                help="step counts (default: 1 2 3 4 6 8 12 16 ... up to twice the trained count)")
-    manifestation.add_argument("--reference_steps", type=int, help="RK4 steps of the reference (default: 16 x max)")
+    manifestation.add_argument("--reference_steps", type=int,
+                               help="RK4 steps of the reference (default: the first of 2, 4, ... 16 x the largest "
+                                    "step count whose logits change by at most --reference_rtol from half as many)")
+    manifestation.add_argument("--reference_rtol", type=float, default=1e-4,
+                               help="convergence tolerance of the reference (relative change of the logits)")
     manifestation.add_argument("--recalibrate_bn", action="store_true",
                                help="also evaluate with BatchNorm statistics re-estimated at each manifestation")
     manifestation.add_argument("--recalibration_batches", type=int, default=10, help="training batches to use")
