@@ -145,3 +145,33 @@ def test_cross_entropy_by_hand_is_torchs(data) -> None:
     targets = torch.tensor([0, 3, 9, 1, 1])
     by_hand = -logits.log_softmax(-1)[torch.arange(5), targets].mean().item()
     assert by_hand == pytest.approx(F.cross_entropy(logits, targets).item())
+
+
+def test_convergence_table_equals_the_direct_evaluation(trained_like_model, data) -> None:
+    """Each stage alone from the reference's input to it, the first stage included, in float64 by hand."""
+    from lightning_cnet.analysis import convergence_study
+
+    batches = data[0][:2]
+    errors, _ = convergence_study(trained_like_model, batches, schemes=["euler", "rk4"], n_steps=[2, 3],
+                                  reference_steps=12, progress=False)
+    work = copy.deepcopy(trained_like_model).double().eval()
+    images = [x.double() for x, _ in batches]
+    stage_inputs: list[list[torch.Tensor]] = [[] for _ in work.stages]
+    hooks = [stage.register_forward_pre_hook(lambda module, args, i=i: stage_inputs[i].append(args[0]))
+             for i, stage in enumerate(work.stages)]
+    with torch.no_grad(), work.manifestation(scheme="rk4", n_steps=12):
+        reference = [work(x) for x in images]
+        for hook in hooks:
+            hook.remove()
+        reference_stages = [[stage(x) for x in stage_inputs[i]] for i, stage in enumerate(work.stages)]
+    by_key = {(r["scheme"], r["n_steps"], r["output"]): r["error"] for r in errors}
+    assert len(by_key) == len(errors) == 2 * 2 * 4
+    for scheme in ("euler", "rk4"):
+        for steps in (2, 3):
+            with torch.no_grad(), work.manifestation(scheme=scheme, n_steps=steps):
+                logits = [work(x) for x in images]
+                stages = [[stage(x) for x in stage_inputs[i]] for i, stage in enumerate(work.stages)]
+            assert by_key[scheme, steps, "logits"] == pytest.approx(_distance(logits, reference), rel=1e-9)
+            for i in range(len(work.stages)):
+                assert by_key[scheme, steps, f"stage{i}"] == pytest.approx(
+                    _distance(stages[i], reference_stages[i]), rel=1e-9), (scheme, steps, i)
