@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import warnings
 from collections.abc import Sequence
 
 from lightning_cnet.threads import ThreadSettingError, configure_threads
@@ -124,19 +125,26 @@ def _prepare(prog: str) -> None:
         sys.stderr.write(f"{prog}: {chosen}\n")
 
 
+def _quiet_lightning_deprecations() -> None:
+    """Silence, in this command only, the ``LeafSpec`` deprecation that Lightning's data loader utilities raise with
+    torch >= 2.10 on every run (nothing a user of the command can act on)."""
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning, module=r"(pytorch_lightning|lightning\.pytorch)\.utilities\._pytree")
+
+
 def lightning_cnet_main(args: Sequence[str] | None = None) -> None:
     """``lightning-cnet``: the ContinuousNet LightningCLI (:func:`lightning_cnet.cli.main`).
 
     Args:
         args: the arguments after the program name (default: ``sys.argv[1:]``).
     """
-    args = list(sys.argv[1:] if args is None else args)
-    if _quick_answer(CLI_PROG, args, cli_help()):
+    if _quick_answer(CLI_PROG, sys.argv[1:] if args is None else args, cli_help()):
         return
     _prepare(CLI_PROG)
+    _quiet_lightning_deprecations()
     from lightning_cnet.cli import main
 
-    main(args)
+    main(None if args is None else list(args))  # LightningCLI reads sys.argv itself (and warns if given both)
 
 
 def analyze_main(args: Sequence[str] | None = None) -> None:
@@ -145,10 +153,9 @@ def analyze_main(args: Sequence[str] | None = None) -> None:
     Args:
         args: the arguments after the program name (default: ``sys.argv[1:]``).
     """
-    args = list(sys.argv[1:] if args is None else args)
-    if _quick_answer(ANALYZE_PROG, args, analyze_help()):
+    if _quick_answer(ANALYZE_PROG, sys.argv[1:] if args is None else args, analyze_help()):
         return
     _prepare(ANALYZE_PROG)
     from lightning_cnet.analysis.cli import main
 
-    main(args)
+    main(None if args is None else list(args))
