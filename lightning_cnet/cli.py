@@ -41,7 +41,7 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from torch.optim import Optimizer
-from pytorch_lightning.callbacks import BasePredictionWriter, Callback, ModelCheckpoint, ProgressBar, RichProgressBar
+from pytorch_lightning.callbacks import BasePredictionWriter, Callback, ModelCheckpoint, ProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -50,6 +50,7 @@ from lightning_cnet import __version__
 from lightning_cnet.callbacks import refinable_modules
 from lightning_cnet.data import DatasetNotFoundError
 from lightning_cnet.module import ContinuousNetClassifier
+from lightning_cnet.progress_bar import CompactRichProgressBar, CompactTQDMProgressBar
 
 PROG = "lightning-cnet"
 DEFAULT_MODEL = "lightning_cnet.module.ContinuousNetClassifier"
@@ -224,7 +225,8 @@ class ContinuousNetCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> pl.Trainer:
         """Add the ``last.ckpt`` checkpoint beside the best one, the requested manifestation of a loaded checkpoint,
-        the rich progress bar when ``rich`` is installed and no other progress bar is configured, and the CSV
+        the compact progress bar (:mod:`lightning_cnet.progress_bar`, rich when ``rich`` is installed) when no other
+        progress bar is configured, and the CSV
         prediction writer to ``predict`` when no prediction writer is configured."""
         best = next((cb for cb in callbacks if isinstance(cb, ModelCheckpoint)), None)
         if best is not None:
@@ -232,12 +234,8 @@ class ContinuousNetCLI(LightningCLI):
         if self._requested_manifestation:
             callbacks = [*callbacks, RequestedManifestation(**self._requested_manifestation)]
         configured = list(config.get("callbacks") or []) + list(callbacks)
-        if (
-            find_spec("rich") is not None
-            and config.get("enable_progress_bar") is not False
-            and not any(isinstance(cb, ProgressBar) for cb in configured)
-        ):
-            callbacks = [*callbacks, RichProgressBar()]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(cb, ProgressBar) for cb in configured):
+            callbacks = [*callbacks, CompactRichProgressBar() if find_spec("rich") else CompactTQDMProgressBar()]
         if self.subcommand == "predict" and not any(isinstance(cb, BasePredictionWriter) for cb in configured):
             callbacks = [*callbacks, PredictionCSVWriter()]
         return super()._instantiate_trainer(config, callbacks)
