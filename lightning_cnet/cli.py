@@ -49,6 +49,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from lightning_cnet import __version__
 from lightning_cnet.callbacks import refinable_modules
 from lightning_cnet.data import DatasetNotFoundError
+from lightning_cnet.latest_run import LatestRunLink
 from lightning_cnet.module import ContinuousNetClassifier
 from lightning_cnet.progress_bar import CompactRichProgressBar, CompactTQDMProgressBar
 
@@ -226,7 +227,7 @@ class ContinuousNetCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> pl.Trainer:
         """Add the ``last.ckpt`` checkpoint beside the best one, the requested manifestation of a loaded checkpoint,
         the compact progress bar (:mod:`lightning_cnet.progress_bar`, rich when ``rich`` is installed) when no other
-        progress bar is configured, and the CSV
+        progress bar is configured, the ``latest`` link to the run for ``fit``, and the CSV
         prediction writer to ``predict`` when no prediction writer is configured."""
         best = next((cb for cb in callbacks if isinstance(cb, ModelCheckpoint)), None)
         if best is not None:
@@ -236,6 +237,8 @@ class ContinuousNetCLI(LightningCLI):
         configured = list(config.get("callbacks") or []) + list(callbacks)
         if config.get("enable_progress_bar") is not False and not any(isinstance(cb, ProgressBar) for cb in configured):
             callbacks = [*callbacks, CompactRichProgressBar() if find_spec("rich") else CompactTQDMProgressBar()]
+        if self.subcommand == "fit":
+            callbacks = [*callbacks, LatestRunLink()]
         if self.subcommand == "predict" and not any(isinstance(cb, BasePredictionWriter) for cb in configured):
             callbacks = [*callbacks, PredictionCSVWriter()]
         return super()._instantiate_trainer(config, callbacks)

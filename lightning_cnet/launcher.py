@@ -125,11 +125,15 @@ def _prepare(prog: str) -> None:
         sys.stderr.write(f"{prog}: {chosen}\n")
 
 
-def _quiet_lightning_deprecations() -> None:
-    """Silence, in this command only, the ``LeafSpec`` deprecation that Lightning's data loader utilities raise with
-    torch >= 2.10 on every run (nothing a user of the command can act on)."""
+def _quiet_lightning_warnings(args: Sequence[str]) -> None:
+    """Silence, in this command only, what a user of it cannot act on: the ``LeafSpec`` deprecation that Lightning's
+    data loader utilities raise with torch >= 2.10 on every run, and, when evaluating a checkpoint (``validate``,
+    ``test``, ``predict``, which write no checkpoint), Lightning's notice that the checkpoint callback's state is
+    not reloaded because this run logs to another folder."""
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning, module=r"(pytorch_lightning|lightning\.pytorch)\.utilities\._pytree")
+    if next((arg for arg in args if arg in CLI_COMMANDS), None) in ("validate", "test", "predict"):
+        warnings.filterwarnings("ignore", message=r"The dirpath has changed from .* won't be reloaded")
 
 
 def lightning_cnet_main(args: Sequence[str] | None = None) -> None:
@@ -141,7 +145,7 @@ def lightning_cnet_main(args: Sequence[str] | None = None) -> None:
     if _quick_answer(CLI_PROG, sys.argv[1:] if args is None else args, cli_help()):
         return
     _prepare(CLI_PROG)
-    _quiet_lightning_deprecations()
+    _quiet_lightning_warnings(sys.argv[1:] if args is None else args)
     from lightning_cnet.cli import main
 
     main(None if args is None else list(args))  # LightningCLI reads sys.argv itself (and warns if given both)

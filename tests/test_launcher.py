@@ -179,7 +179,7 @@ def test_the_leafspec_deprecation_is_silenced_in_the_command_only() -> None:
     assert any("LeafSpec" in str(w.message) for w in plain), "the trigger this filter is for is gone: drop the filter"
     with warnings.catch_warnings(record=True) as in_command:
         warnings.simplefilter("always")
-        launcher._quiet_lightning_deprecations()
+        launcher._quiet_lightning_warnings(["fit"])
         _tree_flatten(1)
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning)  # from elsewhere: kept
     assert [str(w.message) for w in in_command] == ["`isinstance(treespec, LeafSpec)` is deprecated"]
