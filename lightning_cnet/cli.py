@@ -43,6 +43,7 @@ import yaml
 from torch.optim import Optimizer
 from pytorch_lightning.callbacks import BasePredictionWriter, Callback, ModelCheckpoint, ProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
@@ -239,6 +240,8 @@ class ContinuousNetCLI(LightningCLI):
             callbacks = [*callbacks, CompactRichProgressBar() if find_spec("rich") else CompactTQDMProgressBar()]
         if self.subcommand == "fit":
             callbacks = [*callbacks, LatestRunLink()]
+        if isinstance(config.get("logger"), CSVLogger) and find_spec("tensorboard") is None:
+            _note_csv_logging()
         if self.subcommand == "predict" and not any(isinstance(cb, BasePredictionWriter) for cb in configured):
             callbacks = [*callbacks, PredictionCSVWriter()]
         return super()._instantiate_trainer(config, callbacks)
@@ -277,6 +280,13 @@ def _warn_constant_rate(model: pl.LightningModule) -> None:
         f"and {own}: the learning rate stays constant; add --lr_scheduler (e.g. --lr_scheduler CosineAnnealingLR "
         "--lr_scheduler.T_max <max_epochs>) to schedule it\n"
     )
+
+
+@rank_zero_only
+def _note_csv_logging() -> None:
+    """One line on stderr: without ``tensorboard`` the run's metrics go to ``metrics.csv``."""
+    sys.stderr.write(f"{PROG}: tensorboard is not installed: the metrics go to metrics.csv in the run folder "
+                     "(pip install tensorboard for TensorBoard event files)\n")
 
 
 def _optimizers_in(value: Any) -> Iterator[Optimizer]:

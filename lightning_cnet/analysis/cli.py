@@ -42,6 +42,7 @@ from lightning_cnet.analysis.plots import (
     plot_depth_profile,
     plot_manifestation,
     plot_training_curve,
+    require_matplotlib,
 )
 from lightning_cnet.integrators import list_schemes
 from lightning_cnet.metrics_reader import read_scalars
@@ -367,6 +368,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``lightning-cnet-analyze``; bad input prints one line and exits with status 2."""
     try:
         args = _parser().parse_args(argv)
+        if args.command != "export":
+            require_matplotlib()
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         args.run(args)

@@ -1,5 +1,4 @@
-"""Pictures of the studies (matplotlib, headless Agg backend; install the ``plot`` extra). Every file is written
-atomically."""
+"""Pictures of the studies (matplotlib, headless Agg backend). Every file is written atomically."""
 
 from __future__ import annotations
 
@@ -18,11 +17,17 @@ def _pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
-        raise ImportError("plots need matplotlib: pip install 'lightning-cnet[plot]'") from None
+        raise ImportError("the figures need matplotlib, a dependency of lightning-cnet that is not installed here: "
+                          "pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def require_matplotlib() -> None:
+    """Raise the one-line ``ImportError`` of a missing matplotlib now, before a study's work rather than after it."""
+    _pyplot()
 
 
 def _save(figure: Any, path: str | Path) -> Path:
