@@ -131,7 +131,8 @@ def _quiet_lightning_warnings(args: Sequence[str]) -> None:
     ``test``, ``predict``, which write no checkpoint), Lightning's notice that the checkpoint callback's state is
     not reloaded because this run logs to another folder."""
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                            category=FutureWarning, module=r"(pytorch_lightning|lightning\.pytorch)\.utilities\._pytree")
+                            category=FutureWarning,
+                            module=r"(pytorch_lightning|lightning\.pytorch)\.utilities\._pytree")
     if next((arg for arg in args if arg in CLI_COMMANDS), None) in ("validate", "test", "predict"):
         warnings.filterwarnings("ignore", message=r"The dirpath has changed from .* won't be reloaded")
 

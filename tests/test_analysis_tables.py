@@ -175,3 +175,46 @@ def test_convergence_table_equals_the_direct_evaluation(trained_like_model, data
             for i in range(len(work.stages)):
                 assert by_key[scheme, steps, f"stage{i}"] == pytest.approx(
                     _distance(stages[i], reference_stages[i]), rel=1e-9), (scheme, steps, i)
+
+
+# ---------------------------------------------------------------------- figures
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures the plot functions draw, kept before they are saved."""
+    from lightning_cnet.analysis import plots
+
+    figures = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda figure, path: (figures.append(figure), save(figure, path))[1])
+    return figures
+
+
+def _row(scheme, n, accuracy, bn="as trained"):
+    return {"scheme": scheme, "n_steps": n, "bn": bn, "trained": (scheme, n) == ("rk4", 2), "accuracy": accuracy,
+            "logit_distance": 0.1 / max(n, 1)}
+
+
+def test_one_checkpoint_gets_a_colour_per_scheme_several_a_colour_per_checkpoint(tmp_path, drawn) -> None:
+    from lightning_cnet.analysis.plots import plot_manifestation
+
+    rows = [_row("stages_off", 0, 0.1)] + [_row(s, n, 0.8) for s in ("euler", "midpoint", "rk4") for n in (1, 2)]
+    plot_manifestation({"run": rows}, tmp_path / "one.png")
+    plot_manifestation({"a": rows, "b": rows}, tmp_path / "two.png")
+
+    def colours_and_styles(figure):
+        lines = [line for line in figure.axes[0].get_lines() if line.get_marker() == "."]  # the scheme curves
+        return [(line.get_color(), line.get_linestyle()) for line in lines]
+
+    one, two = colours_and_styles(drawn[0]), colours_and_styles(drawn[1])
+    assert len(one) == 3 and len({c for c, _ in one}) == 3  # three schemes, three colours
+    assert len(two) == 6 and len({c for c, _ in two}) == 2 and len({s for _, s in two}) == 3
+
+
+def test_training_curve_has_whole_epoch_ticks_and_a_title(tmp_path, drawn) -> None:
+    from lightning_cnet.analysis.plots import plot_training_curve
+
+    plot_training_curve([(e, 0.5 + 0.02 * e) for e in range(4)], [1, 2], tmp_path / "c.png", metric="val_acc")
+    axes = drawn[0].axes[0]
+    ticks = [t for t in axes.get_xticks() if axes.get_xlim()[0] <= t <= axes.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    assert axes.get_title() == "val_acc by epoch"

@@ -296,7 +296,9 @@ def _curve(args: argparse.Namespace) -> None:
         refinements = [value for _, value in read_scalars(args.metrics, "refinement/epoch")]
     except ValueError:  # no refinement in this run
         refinements = []
-    print(f"wrote {plot_training_curve(points, refinements, out, metric=args.metric)}")
+    run = Path(args.metrics).resolve()
+    title = f"{args.metric}: {run.parent.name}/{run.name}" if run.is_dir() else f"{args.metric}: {run.name}"
+    print(f"wrote {plot_training_curve(points, refinements, out, metric=args.metric, title=title)}")
 
 
 # ---------------------------------------------------------------------- parser
