@@ -10,8 +10,9 @@ as trained and with re-estimated statistics (:func:`~lightning_cnet.recalibrate_
 **The reference.** The logits of every row are compared with a fine solution of the model's ODE: the reference
 scheme (RK4) at ``N = 2M, 4M, 8M, ...`` steps (``M`` the largest swept count), the first ``N`` whose logits differ
 from those at ``N / 2`` by at most ``reference_rtol`` (relative Frobenius norm over all batches; default ``1e-4``),
-and at most ``16M``. For a scheme of order ``p >= 1`` that difference bounds the reference's own error, so every
-distance in the table is within ``reference_rtol`` of the distance to the exact ODE solution. The check starts from
+and at most ``16M``. For a scheme converging at order ``p >= 1`` (in its asymptotic regime) that difference bounds
+the reference's own error, so every distance in the table is within ``reference_rtol`` of the distance to the exact
+solution of the ODE. The check starts from
 the row at ``(reference scheme, M)`` when the sweep has it, and is made for each BatchNorm setting (with statistics
 re-estimated at each candidate). The step count used is the ``reference_steps`` column.
 
@@ -138,11 +139,10 @@ def _inputs(batch: Any) -> torch.Tensor:
     return batch if isinstance(batch, torch.Tensor) else batch[0]
 
 
-def fine_reference(
+def _fine_reference(
     evaluator: _Evaluator, mode: str, scheme: str, coarse: list[torch.Tensor] | None, largest: int, rtol: float
 ) -> tuple[int, list[torch.Tensor]]:
-    """The reference of :mod:`this module <lightning_cnet.analysis.manifestation>`: ``scheme`` at the first of
-    ``2 * largest, 4 * largest, ...`` steps whose logits change by at most ``rtol`` from half as many steps, at most
+    """The reference of this module's docstring: ``scheme`` at the first of ``2 * largest, 4 * largest, ...`` steps whose logits change by at most ``rtol`` from half as many steps, at most
     ``MAX_REFERENCE_FACTOR * largest``.
 
     Args:
@@ -157,18 +157,18 @@ def fine_reference(
         ``(n_steps, logits)`` of the reference.
     """
     if coarse is None:
-        coarse = _planned(evaluator, mode, scheme, largest)[1]
+        coarse = _unplanned(evaluator, mode, scheme, largest)[1]
     steps = largest
     while steps < MAX_REFERENCE_FACTOR * largest:
         steps *= 2
-        fine = _planned(evaluator, mode, scheme, steps)[1]
+        fine = _unplanned(evaluator, mode, scheme, steps)[1]
         if relative_distance(coarse, fine) <= rtol:
             break
         coarse = fine
     return steps, fine
 
 
-def _planned(evaluator: _Evaluator, mode: str, scheme: str, steps: int) -> tuple[dict[str, float], list[torch.Tensor]]:
+def _unplanned(evaluator: _Evaluator, mode: str, scheme: str, steps: int) -> tuple[dict[str, float], list[torch.Tensor]]:
     """Evaluate a manifestation that was not in the bar's plan: its work is added first."""
     with evaluator.model.manifestation(scheme=scheme, n_steps=steps):
         add_work(evaluator.bar, evaluator.work(mode))
@@ -235,10 +235,10 @@ def manifestation_sweep(
     largest = max(n_steps)
     for mode in modes:
         if reference_steps:
-            references[mode] = reference_steps, _planned(evaluator, mode, reference_scheme, reference_steps)[1]
+            references[mode] = reference_steps, _unplanned(evaluator, mode, reference_scheme, reference_steps)[1]
         else:
             coarse = results.get((mode, reference_scheme, largest))
-            references[mode] = fine_reference(evaluator, mode, reference_scheme, coarse and coarse[1], largest,
+            references[mode] = _fine_reference(evaluator, mode, reference_scheme, coarse and coarse[1], largest,
                                               reference_rtol)
     bar.close()
 
