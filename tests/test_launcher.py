@@ -183,3 +183,12 @@ def test_the_leafspec_deprecation_is_silenced_in_the_command_only() -> None:
         _tree_flatten(1)
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning)  # from elsewhere: kept
     assert [str(w.message) for w in in_command] == ["`isinstance(treespec, LeafSpec)` is deprecated"]
+
+
+def test_python_dash_m_of_the_analysis_module_goes_through_the_launcher() -> None:
+    env = {**os.environ, THREADS_VARIABLE: "none"}
+    result = subprocess.run([sys.executable, "-m", "lightning_cnet.analysis.cli", "depth", "--ckpt_path", "x.ckpt"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"lightning-cnet-analyze: error: {THREADS_VARIABLE}='none' is not valid: "
+                                          "expected a positive integer (the torch threads to use)"]

@@ -380,5 +380,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(2) from None
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # through the launcher, as the console script: the same thread count
+    from lightning_cnet.launcher import analyze_main
+
+    analyze_main()
