@@ -139,8 +139,9 @@ def test_the_launcher_says_what_it_chose_and_hands_over(monkeypatch, capsys) -> 
     monkeypatch.setattr(lightning_cnet.cli, "main", lambda args: handed.append((args, os.environ["OMP_NUM_THREADS"])))
     monkeypatch.setattr(threads, "load_average", lambda: 7.5)
     monkeypatch.setattr(threads, "usable_cores", lambda: 2)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.delenv(THREADS_VARIABLE, raising=False)
+    for name in ("OMP_NUM_THREADS", THREADS_VARIABLE):  # unset here, restored (or removed) afterwards
+        monkeypatch.setenv(name, "1")
+        monkeypatch.delenv(name)
     before = torch.get_num_threads()
     try:
         launcher.lightning_cnet_main(["fit", "--config", "x.yaml"])

@@ -319,7 +319,9 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--split", choices=SPLITS, default="test", help="data split to evaluate on")
             sub.add_argument("--num_batches", type=int, default=None, help="evaluate at most this many batches")
         sub.add_argument("--out", default="analysis", help="output folder")
-        sub.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+        sub.add_argument("--threads", type=int, default=None,
+                         help="torch intra-op threads (default: LIGHTNING_CNET_THREADS, OMP_NUM_THREADS or the cores "
+                              "the load average leaves free)")
         return sub
 
     manifestation = study("manifestation", "accuracy and logit distance for every scheme and step count", many=True)
