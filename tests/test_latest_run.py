@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+import lightning_cnet.cli  # noqa: F401 - imported here, Lightning's log handler binds the session's stderr
 from lightning_cnet import launcher
 from lightning_cnet.latest_run import point_latest_at
 from lightning_cnet.threads import THREADS_VARIABLE

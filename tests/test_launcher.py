@@ -12,6 +12,7 @@ from importlib import metadata
 import pytest
 import torch
 
+import lightning_cnet.cli  # noqa: F401 - imported here, Lightning's log handler binds the session's stderr
 from lightning_cnet import launcher, threads
 from lightning_cnet.threads import THREADS_VARIABLE, ThreadSettingError, choose_threads
 
