@@ -2,8 +2,8 @@
 
 torch's default, one thread per core, is the fastest choice on an idle machine but the slowest by far on a busy one:
 its threads wait for each other at every operation while other processes hold the cores (measured on 2 cores: the
-main job in 29 s with 2 threads against 39 s with 1 when idle, and 16.5 min against 99 s under a load average of
-5-9; ``python benchmarks/threads.py``). The rule of ``lightning-cnet`` and ``lightning-cnet-analyze``, in order:
+main job in 29 s with 2 threads against 39 s with 1 when idle, and in 997 s against 89 s at a load average of 4-5;
+``python benchmarks/threads.py``). The rule of ``lightning-cnet`` and ``lightning-cnet-analyze``, in order:
 
 1. ``LIGHTNING_CNET_THREADS=N`` (a positive integer): ``N`` threads;
 2. ``OMP_NUM_THREADS`` is set: it is left to torch (which reads it);
