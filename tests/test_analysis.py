@@ -205,7 +205,8 @@ def test_plots_are_pngs(tmp_path, trained_like_model, batches) -> None:
 
 # ---------------------------------------------------------------------- the command
 def analyze(*args: str, cwd: Path, expect: int = 0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), os.environ.get("PYTHONPATH", "")]),
+           "LIGHTNING_CNET_THREADS": "1"}  # no line about the thread count chosen by the machine's load
     result = subprocess.run([sys.executable, "-m", "lightning_cnet.analysis.cli", *args], capture_output=True,
                             text=True, timeout=600, cwd=cwd, env=env)
     assert result.returncode == expect, result.stderr[-3000:]

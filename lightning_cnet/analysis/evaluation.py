@@ -134,6 +134,15 @@ def evaluate(
         without a reference or outputs), ``ms_per_batch`` (median) and ``function_evaluations`` (residual
         evaluations per forward, ``nan`` if the model has none).
     """
+    return evaluate_with_outputs(model, batches, reference=reference)[0]
+
+
+@torch.no_grad()
+def evaluate_with_outputs(
+    model: nn.Module, batches: Sequence[Batch], *, reference: Sequence[torch.Tensor] | None = None
+) -> tuple[dict[str, float], list[torch.Tensor]]:
+    """:func:`evaluate`, and the outputs it measured (those of :func:`logits_of`; none for a task without
+    ``forward``), to be used as another evaluation's ``reference``."""
     if not batches:
         raise ValueError("the data yielded no batches to evaluate on")
     task = _task(batches)
@@ -150,7 +159,7 @@ def evaluate(
         "logit_distance": distance,
         "ms_per_batch": statistics.median(milliseconds),
         "function_evaluations": float(getattr(model, "function_evaluations", math.nan)),
-    }
+    }, outputs
 
 
 def _classification(model: nn.Module, batches: Sequence[Batch]) -> tuple[dict[str, float], list[torch.Tensor],

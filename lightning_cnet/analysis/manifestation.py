@@ -42,7 +42,8 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_cnet.analysis._progress import add_work, pass_work, work_bar
-from lightning_cnet.analysis.evaluation import Batch, evaluate
+from lightning_cnet.analysis.evaluation import Batch, evaluate_with_outputs
+from lightning_cnet.batches import batch_size
 from lightning_cnet.integrators import get_scheme, list_schemes, validate_n_steps
 from lightning_cnet.models import ContinuousNet
 from lightning_cnet.recalibration import recalibrate_bn
@@ -82,7 +83,10 @@ def check_sweep_arguments(schemes: Sequence[str], n_steps: Sequence[int]) -> Non
 
 
 def relative_distance(values: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:
-    """``||values - reference||_F / ||reference||_F`` over all batches (in float64)."""
+    """``||values - reference||_F / ||reference||_F`` over all batches (in float64); ``nan`` without outputs (a task
+    that defines no ``forward``)."""
+    if not values or not reference:
+        return math.nan
     difference = sum((v - r).double().square().sum().item() for v, r in zip(values, reference))
     return math.sqrt(difference / sum(r.double().square().sum().item() for r in reference))
 
@@ -107,8 +111,8 @@ class _Evaluator:
                  recalibration_batches: int | None, bar: Any) -> None:
         self.model, self.batches, self.bar = model, batches, bar
         self.recalibration = None if recalibration is None else list(recalibration)[:recalibration_batches]
-        self.images = sum(len(targets) for _, targets in batches)
-        self.recalibration_images = sum(len(_inputs(batch)) for batch in self.recalibration or [])
+        self.images = sum(batch_size(batch) for batch in batches)
+        self.recalibration_images = sum(batch_size(batch) for batch in self.recalibration or [])
 
     def work(self, mode: str) -> int:
         """The work of one evaluation at the model's current manifestation."""
@@ -126,17 +130,7 @@ class _Evaluator:
         return result
 
     def evaluate(self) -> tuple[dict[str, float], list[torch.Tensor]]:
-        logits: list[torch.Tensor] = []
-        hook = self.model.register_forward_hook(lambda module, args, output: logits.append(output))
-        try:
-            metrics = evaluate(self.model, self.batches)
-        finally:
-            hook.remove()
-        return metrics, logits[-len(self.batches):]
-
-
-def _inputs(batch: Any) -> torch.Tensor:
-    return batch if isinstance(batch, torch.Tensor) else batch[0]
+        return evaluate_with_outputs(self.model, self.batches)
 
 
 def _fine_reference(
@@ -162,7 +156,7 @@ def _fine_reference(
     while steps < MAX_REFERENCE_FACTOR * largest:
         steps *= 2
         fine = _unplanned(evaluator, mode, scheme, steps)[1]
-        if relative_distance(coarse, fine) <= rtol:
+        if not fine or relative_distance(coarse, fine) <= rtol:  # no outputs: nothing to converge
             break
         coarse = fine
     return steps, fine
