@@ -21,10 +21,11 @@ its row to ``OUT/runs.csv`` at once, so a partial study can be read and resumed)
    each refinement, a plateau schedule that decides for itself, BatchNorm statistics re-estimated at each
    refinement, the optimizer state reset instead of interpolated.
 
-Cost, from the measured ~0.18 / 0.31 / 0.57 s per training step at 1 / 2 / 4 steps per stage (one thread, idle
-machine): a full run ~17 CPU-minutes, a refined run ~10, so steps 1-2 take ~2.3 CPU-hours, step 3 ~0.5 and step 4
-~2.6: about 5 CPU-hours in all, 2.5 hours on 2 idle cores (the variants last; a study stopped early keeps what
-finished).
+Cost, measured on one thread: a refined run trains in ~7 CPU-minutes, a full-depth run in ~12.5 (plus ~0.5
+CPU-minutes of start-up and evaluation each), the study of one model takes ~4; so steps 1-2 (10 runs) take ~1.7
+CPU-hours, step 3 ~0.4 and step 4 (15 runs) ~2 (refinements at epochs 1, 2 cost ~9 CPU-minutes a run): about 4
+CPU-hours in all, two hours on 2 idle cores (the variants come last, so a study stopped early keeps what matters
+most).
 
 Usage::
 
