@@ -21,16 +21,17 @@ its row to ``OUT/runs.csv`` at once, so a partial study can be read and resumed)
    each refinement, a plateau schedule that decides for itself, BatchNorm statistics re-estimated at each
    refinement, the optimizer state reset instead of interpolated.
 
-Cost, from the measured ~0.18 / 0.31 / 0.57 s per training step at 1 / 2 / 4 steps per stage (one thread, idle
-machine): a full run ~17 CPU-minutes, a refined run ~10, so steps 1-2 take ~2.3 CPU-hours, step 3 ~0.5 and step 4
-~2.6: about 5 CPU-hours in all, 2.5 hours on 2 idle cores (the variants last; a study stopped early keeps what
-finished).
+Cost, measured on one thread: a refined run trains in ~7 CPU-minutes, a full-depth run in ~12.5 (plus ~0.5
+CPU-minutes of start-up and evaluation each), the study of one model takes ~4; so steps 1-2 (10 runs) take ~1.7
+CPU-hours, step 3 ~0.4 and step 4 (15 runs) ~2 (refinements at epochs 1, 2 cost ~9 CPU-minutes a run): about 4
+CPU-hours in all, two hours on 2 idle cores (the variants come last, so a study stopped early keeps what matters
+most).
 
 Usage::
 
     python benchmarks/fashion_mnist.py --out outputs/fashion                 # the study; resumes what OUT holds
     python benchmarks/fashion_mnist.py --out outputs/fashion --summary       # tables from OUT, nothing run
-    python benchmarks/fashion_mnist.py --quick --out /tmp/fashion            # smoke run: tiny epochs, one worker
+    python benchmarks/fashion_mnist.py --smoke --out /tmp/fashion            # smoke run: tiny epochs, one worker
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from _experiment import RunConfig, datamodule, run, set_threads
 
 BASE = RunConfig(data="fashion-mnist", batch_size=128, scheme="midpoint", final_steps=4, refine_at=(2, 3), T=2.0,
                  epochs=4)
-QUICK = dict(epochs=2, refine_at=(1,), final_steps=2, limit_train_batches=3, limit_eval_batches=2)
+SMOKE = dict(epochs=2, refine_at=(1,), final_steps=2, limit_train_batches=3, limit_eval_batches=2)
 #: Variants of the refined run: their label and what they change.
 VARIANTS = {
     "refine12": ("refinements at epochs 1, 2", {"refine_at": (1, 2)}),
@@ -172,7 +173,7 @@ def train_job(out: Path, job: Job, base: RunConfig) -> dict[str, Any]:
     return row
 
 
-def analyze_job(out: Path, job: Job, base: RunConfig, quick: bool) -> None:
+def analyze_job(out: Path, job: Job, base: RunConfig, smoke: bool) -> None:
     """Claims (b) and (d) and the depth profile of one trained model, written to ``OUT/analysis/<method>_s<seed>``."""
     import torch
     from torch.utils.data import DataLoader, Subset
@@ -186,19 +187,19 @@ def analyze_job(out: Path, job: Job, base: RunConfig, quick: bool) -> None:
     model = task.model.eval()
     dm = datamodule(base.replace(seed=job.seed))
     dm.setup(None)
-    images = min(256 if quick else SWEEP_IMAGES, len(dm.test_dataset))
+    images = min(256 if smoke else SWEEP_IMAGES, len(dm.test_dataset))
     sweep = as_batches(DataLoader(Subset(dm.test_dataset, range(images)), batch_size=128))
-    test = sweep if quick else as_batches(DataLoader(dm.test_dataset, batch_size=128))
+    test = sweep if smoke else as_batches(DataLoader(dm.test_dataset, batch_size=128))
     recalibration = [images for images, _ in DataLoader(dm.train_dataset, batch_size=128)][
-        :2 if quick else RECALIBRATION_BATCHES]
+        :2 if smoke else RECALIBRATION_BATCHES]
     target = analysis_dir(out, job)
     target.mkdir(parents=True, exist_ok=True)
     start = time.process_time()
     with torch.no_grad():
-        rows = manifestation_sweep(model, sweep, schemes=SCHEMES, n_steps=(1, 2) if quick else STEPS,
-                                   reference_steps=4 if quick else 16, recalibration=recalibration, progress=False)
+        rows = manifestation_sweep(model, sweep, schemes=SCHEMES, n_steps=(1, 2) if smoke else STEPS,
+                                   reference_steps=4 if smoke else 16, recalibration=recalibration, progress=False)
         write_csv(rows, target / "manifestation.csv")
-        write_csv(compression_sweep(model, test, pairs=((2, 2), (1, 1)) if quick else PAIRS, progress=False),
+        write_csv(compression_sweep(model, test, pairs=((2, 2), (1, 1)) if smoke else PAIRS, progress=False),
                   target / "compression.csv")
     pieces, stages = depth_profile(model, label=job.method)
     write_csv(pieces, target / "depth.csv")
@@ -446,21 +447,21 @@ def _start(out: Path, job: Job, args: argparse.Namespace) -> subprocess.Popen:
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     command = ["nice", "-n", str(args.nice), sys.executable, __file__, "--job", job.key, "--out", str(out)]
-    command += ["--data-dir", args.data_dir, "--val-size", str(args.val_size)] + (["--quick"] if args.quick else [])
+    command += ["--data-dir", args.data_dir, "--val-size", str(args.val_size)] + (["--smoke"] if args.smoke else [])
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with (logs / f"{job.key.replace(':', '_')}.log").open("w") as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment,
                                 start_new_session=True)
 
 
-def run_job(out: Path, key: str, quick: bool, data_dir: str, val_size: int) -> None:
+def run_job(out: Path, key: str, smoke: bool, data_dir: str, val_size: int) -> None:
     job = Job.parse(key)
-    base = (BASE.replace(**QUICK) if quick else BASE).replace(data_dir=data_dir, val_size=val_size)
+    base = (BASE.replace(**SMOKE) if smoke else BASE).replace(data_dir=data_dir, val_size=val_size)
     try:
         if job.kind == "train":
             print(train_job(out, job, base), flush=True)
         else:
-            analyze_job(out, job, base, quick)
+            analyze_job(out, job, base, smoke)
     except Exception:
         (out / "failed").mkdir(exist_ok=True)
         (out / "failed" / key).touch()
@@ -482,15 +483,15 @@ def main() -> None:
     parser.add_argument("--data-dir", default="data",
                         help="searched first for the four files (then /usr/share/datasets/fashion-mnist)")
     parser.add_argument("--val-size", type=int, default=5000, help="training images held out for validation")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 short epochs, lrs 0.1 0.2, seeds 0 1 2")
+    parser.add_argument("--smoke", action="store_true", help="smoke run: 2 short epochs, lrs 0.1 0.2, seeds 0 1 2")
     parser.add_argument("--job", help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = Path(args.out)
     set_threads(1)
     if args.job:
-        run_job(out, args.job, args.quick, args.data_dir, args.val_size)
+        run_job(out, args.job, args.smoke, args.data_dir, args.val_size)
         return
-    if args.quick:
+    if args.smoke:
         args.lrs, args.most_rates, args.workers, args.poll = args.lrs[:2], 2, 1, 0.5
     if not args.summary:
         drive(out, args)
