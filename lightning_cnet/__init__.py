@@ -9,15 +9,19 @@ imported only by whoever imports it.
 
 from importlib import metadata as _metadata
 
+from lightning_cnet.adaptive import AdaptiveRK, odeint_adaptive
 from lightning_cnet.bases import Basis, get_basis, list_bases, register_basis
 from lightning_cnet.integrators import (
     ButcherTableau,
+    FixedStepRK,
+    Integrator,
     get_scheme,
     list_schemes,
     odeint_fixed,
     register_scheme,
     rk_step,
 )
+from lightning_cnet.legendre import LegendreBasis
 from lightning_cnet.models import (
     ContinuousNet,
     ResolutionChange,
@@ -28,7 +32,8 @@ from lightning_cnet.models import (
     list_models,
     register_model,
 )
-from lightning_cnet.ode_block import ODEBlock, StageResolution
+from lightning_cnet.ode_block import ODEBlock
+from lightning_cnet.resolution import StageResolution
 from lightning_cnet.recalibration import recalibrate_bn
 from lightning_cnet.units import BottleneckUnit, MLPUnit, PreActBasicUnit, ResidualUnit, get_unit, list_units, register_unit
 
@@ -42,10 +47,14 @@ except _metadata.PackageNotFoundError:  # run from a source tree that was never 
 install_timm_registration()
 
 __all__ = [
+    "AdaptiveRK",
     "Basis",
     "BottleneckUnit",
     "ButcherTableau",
     "ContinuousNet",
+    "FixedStepRK",
+    "Integrator",
+    "LegendreBasis",
     "MLPUnit",
     "ODEBlock",
     "PreActBasicUnit",
@@ -63,6 +72,7 @@ __all__ = [
     "list_models",
     "list_schemes",
     "list_units",
+    "odeint_adaptive",
     "odeint_fixed",
     "recalibrate_bn",
     "register_basis",
