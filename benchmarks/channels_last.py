@@ -15,7 +15,7 @@ either format; the format pays off mostly on GPUs with tensor cores under mixed 
 Usage::
 
     python benchmarks/channels_last.py                       # batch 128 and 8, train and infer, 1 thread
-    python benchmarks/channels_last.py --quick               # smoke run, a few seconds
+    python benchmarks/channels_last.py --smoke               # smoke run, a few seconds
     python benchmarks/channels_last.py --device cuda --amp --batch-sizes 256
 """
 
@@ -146,9 +146,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--images-per-sample", type=int, default=128,
                         help="each sample runs max(1, this / batch) calls back to back")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="smoke run: batch 8, 3 repeats, 1 warm-up")
+    parser.add_argument("--smoke", action="store_true", help="smoke run: batch 8, 3 repeats, 1 warm-up")
     args = parser.parse_args()
-    if args.quick:
+    if args.smoke:
         args.batch_sizes, args.repeats, args.warmup, args.images_per_sample = [8], 3, 1, 8
     return args
 

@@ -28,7 +28,7 @@ not depend on the pixel values), SGD with momentum, at each ``--n-steps`` (``n_b
 Usage::
 
     python benchmarks/guard_overhead.py                 # n_steps 1 and 4, 40 cycles, 1 thread
-    python benchmarks/guard_overhead.py --quick         # smoke run: n_steps 1, 3 cycles
+    python benchmarks/guard_overhead.py --smoke         # smoke run: n_steps 1, 3 cycles
     python benchmarks/guard_overhead.py --models cnet_cifar --n-steps 8 --cycles 20 --scheme rk4
 """
 
@@ -287,9 +287,9 @@ def parse_args() -> argparse.Namespace:
                         help="main-thread CPU time (default on CPU) or wall time (default on GPU)")
     parser.add_argument("--no-anomaly", action="store_true", help="leave out the anomaly-mode comparison")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="smoke run: n_steps 1, 1 warm-up and 3 timed cycles")
+    parser.add_argument("--smoke", action="store_true", help="smoke run: n_steps 1, 1 warm-up and 3 timed cycles")
     args = parser.parse_args()
-    if args.quick:
+    if args.smoke:
         args.n_steps, args.cycles, args.warmup = [1], 3, 1
     if min(args.n_steps) < 1 or args.cycles < 1 or args.warmup < 0:
         parser.error("--n-steps and --cycles must be >= 1 and --warmup >= 0")

@@ -8,7 +8,7 @@ Rows are appended to ``--out`` as they finish, so a long sweep can be read while
 Usage::
 
     python benchmarks/main_job_sweep.py --schemes rk4 midpoint --T 2 4 8 --lrs 0.05 0.1 0.2 --seeds 0 1 2
-    python benchmarks/main_job_sweep.py --quick          # smoke run: one tiny configuration
+    python benchmarks/main_job_sweep.py --smoke          # smoke run: one tiny configuration
 """
 
 from __future__ import annotations
@@ -46,12 +46,12 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="main_job_sweep.csv")
-    parser.add_argument("--quick", action="store_true", help="smoke run: one configuration, 2 epochs, 2 batches")
+    parser.add_argument("--smoke", action="store_true", help="smoke run: one configuration, 2 epochs, 2 batches")
     args = parser.parse_args()
     set_threads(args.threads)
     base = RunConfig(final_steps=args.final_steps, refine_at=tuple(args.refine_at), epochs=args.epochs,
                      image_size=args.image_size)
-    if args.quick:
+    if args.smoke:
         args.schemes, args.T, args.lrs, args.seeds = args.schemes[:1], args.T[:1], args.lrs[:1], args.seeds[:1]
         base = base.replace(final_steps=2, refine_at=(1,), epochs=2, limit_train_batches=2)
 

@@ -25,7 +25,7 @@ with a cosine schedule; each seed draws its own weights and pairs. The error of 
 Usage::
 
     python benchmarks/pendulum.py --out outputs/pendulum            # the default study, a few minutes
-    python benchmarks/pendulum.py --quick --out /tmp/pendulum    # smoke run, seconds
+    python benchmarks/pendulum.py --smoke --out /tmp/pendulum    # smoke run, seconds
 
 Writes ``pendulum_errors.csv`` (one row per training scheme, evaluation scheme and ``h``),
 ``pendulum_summary.csv`` (per curve: best ``h``, errors, fitted slopes) and ``pendulum.png``.
@@ -531,17 +531,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("outputs/pendulum"), help="output directory")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one model per seed and scheme")
     parser.add_argument("--iterations", "--epochs", type=_positive_int, default=None,
-                        help="full-batch Adam iterations per model (default 10000, 150 with --quick)")
+                        help="full-batch Adam iterations per model (default 10000, 150 with --smoke)")
     parser.add_argument("--h0", type=_positive_float, default=0.01, help="training step (default 0.01)")
     parser.add_argument("--lr", type=_positive_float, default=1e-2, help="peak Adam learning rate (default 0.01)")
     parser.add_argument("--pairs", type=_positive_int, default=None,
-                        help="training pairs (default 512, 128 with --quick)")
+                        help="training pairs (default 512, 128 with --smoke)")
     parser.add_argument("--theta0-band", type=_positive_float, default=0.15,
                         help="training release angles: theta0 +- this (default 0.15 rad)")
     parser.add_argument("--horizon", type=_positive_float, default=None,
-                        help="integration time (default 5, 1 with --quick)")
+                        help="integration time (default 5, 1 with --smoke)")
     parser.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--quick", action="store_true", help="smoke run in seconds: few iterations, short horizon")
+    parser.add_argument("--smoke", action="store_true", help="smoke run in seconds: few iterations, short horizon")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -556,12 +556,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     try:
         training = TrainingConfig(
             h0=args.h0,
-            iterations=args.iterations or (150 if args.quick else 10000),
+            iterations=args.iterations or (150 if args.smoke else 10000),
             lr=args.lr,
-            n_pairs=args.pairs or (128 if args.quick else 512),
+            n_pairs=args.pairs or (128 if args.smoke else 512),
             theta0_range=(THETA0 - args.theta0_band, THETA0 + args.theta0_band),
         )
-        config = StudyConfig(training, tuple(args.seeds), args.horizon or (1.0 if args.quick else 5.0))
+        config = StudyConfig(training, tuple(args.seeds), args.horizon or (1.0 if args.smoke else 5.0))
     except ValueError as err:
         parser.error(str(err))
     torch.set_num_threads(args.threads)

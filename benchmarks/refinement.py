@@ -16,7 +16,7 @@ Usage::
 
     python benchmarks/refinement.py                               # T 2 and 8, lrs 0.05 0.1 0.2, seeds 0 1 2
     python benchmarks/refinement.py --T 8 --lrs 0.1 --seeds 0     # one setting
-    python benchmarks/refinement.py --quick                       # smoke run, seconds
+    python benchmarks/refinement.py --smoke                       # smoke run, seconds
     python benchmarks/refinement.py --from-csv t2.csv t8.csv      # the summary of earlier runs, e.g. one per T
 """
 
@@ -131,12 +131,12 @@ def main() -> None:
     parser.add_argument("--out", default="refinement.csv")
     parser.add_argument("--from-csv", nargs="+", metavar="CSV",
                         help="print the summary of earlier runs' CSV files (e.g. one per T) instead of running")
-    parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, one seed")
+    parser.add_argument("--smoke", action="store_true", help="smoke run: tiny sizes, one seed")
     args = parser.parse_args()
     set_threads(args.threads)
     base = RunConfig(scheme=args.scheme, final_steps=args.final_steps, refine_at=tuple(args.refine_at),
                      epochs=args.epochs, image_size=args.image_size)
-    if args.quick:
+    if args.smoke:
         args.T, args.lrs, args.seeds, args.extra_epochs = args.T[:1], args.lrs[:2], args.seeds[:1], 1
         base = base.replace(final_steps=2, refine_at=(1,), epochs=2, limit_train_batches=2)
 

@@ -1,6 +1,6 @@
-"""``python -m lightning_cnet``: the ``lightning-cnet`` command line (see :mod:`lightning_cnet.cli`)."""
+"""``python -m lightning_cnet``: the ``lightning-cnet`` command line (see :mod:`lightning_cnet.launcher`)."""
 
-from lightning_cnet.cli import main
+from lightning_cnet.launcher import lightning_cnet_main
 
 if __name__ == "__main__":
-    main()
+    lightning_cnet_main()

@@ -22,9 +22,10 @@ Training is refused (:attr:`AdaptiveRK.trains` is false): in training mode every
 included, would update the BatchNorm running statistics, and the steps taken change from batch to batch. Evaluate,
 or recalibrate BatchNorm at a fixed-step manifestation.
 
-The pairs: ``bosh3`` (Bogacki-Shampine 3(2), 4 stages, first same as last: 3 evaluations per accepted step) and
-``dopri5`` (Dormand-Prince 5(4), 7 stages, FSAL: 6 per step). Both are also ordinary fixed-step schemes of order
-3 and 5 (``scheme="dopri5"``, ``n_steps=8``), evaluating only the stages their solution needs.
+The pairs (tableaux with an error row, in :mod:`lightning_cnet.integrators`): ``bosh3`` (Bogacki-Shampine 3(2), 4
+stages, first same as last: 3 evaluations per accepted step) and ``dopri5`` (Dormand-Prince 5(4), 7 stages, FSAL: 6
+per step). Both are also ordinary fixed-step schemes of order 3 and 5 (``scheme="dopri5"``, ``n_steps=8``),
+evaluating only the stages their solution needs.
 
 Example:
     >>> import math, torch
@@ -48,34 +49,7 @@ import torch
 from lightning_cnet import cost
 from lightning_cnet._validation import check_integer
 from lightning_cnet.bases import Basis
-from lightning_cnet.integrators import ButcherTableau, Rate, _combine, get_scheme, register_scheme
-
-_F = Fraction
-
-register_scheme(
-    "bosh3",
-    a=[[0, 0, 0, 0], [_F(1, 2), 0, 0, 0], [0, _F(3, 4), 0, 0], [_F(2, 9), _F(1, 3), _F(4, 9), 0]],
-    b=[_F(2, 9), _F(1, 3), _F(4, 9), 0],
-    b_embedded=[_F(7, 24), _F(1, 4), _F(1, 3), _F(1, 8)],
-    order=3,
-    embedded_order=2,
-)
-register_scheme(
-    "dopri5",
-    a=[
-        [0, 0, 0, 0, 0, 0, 0],
-        [_F(1, 5), 0, 0, 0, 0, 0, 0],
-        [_F(3, 40), _F(9, 40), 0, 0, 0, 0, 0],
-        [_F(44, 45), _F(-56, 15), _F(32, 9), 0, 0, 0, 0],
-        [_F(19372, 6561), _F(-25360, 2187), _F(64448, 6561), _F(-212, 729), 0, 0, 0],
-        [_F(9017, 3168), _F(-355, 33), _F(46732, 5247), _F(49, 176), _F(-5103, 18656), 0, 0],
-        [_F(35, 384), 0, _F(500, 1113), _F(125, 192), _F(-2187, 6784), _F(11, 84), 0],
-    ],
-    b=[_F(35, 384), 0, _F(500, 1113), _F(125, 192), _F(-2187, 6784), _F(11, 84), 0],
-    b_embedded=[_F(5179, 57600), 0, _F(7571, 16695), _F(393, 640), _F(-92097, 339200), _F(187, 2100), _F(1, 40)],
-    order=5,
-    embedded_order=4,
-)
+from lightning_cnet.integrators import ButcherTableau, Rate, _combine, get_scheme
 
 #: Step-size controller: a safety factor on the optimal step, and the largest decrease and increase of one change.
 SAFETY, SHRINK_LIMIT, GROW_LIMIT = 0.9, 0.2, 10.0

@@ -316,3 +316,8 @@ def _transfer_matrix(basis: Basis, n_from: int, n_to: int) -> torch.Tensor:
     if n_from == n_to:
         return torch.eye(n_to, dtype=torch.float64)
     return torch.linalg.solve(_gram(basis, n_to, n_to), _gram(basis, n_to, n_from))
+
+
+# Built-in families defined in modules of their own register themselves there; importing them here makes them known
+# wherever bases are looked up (whichever of the two modules is imported first).
+import lightning_cnet.legendre  # noqa: E402, F401

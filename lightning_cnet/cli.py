@@ -46,9 +46,10 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from torch.optim import Optimizer
-from pytorch_lightning.callbacks import BasePredictionWriter, Callback, ModelCheckpoint, ProgressBar, RichProgressBar
+from pytorch_lightning.callbacks import BasePredictionWriter, Callback, ModelCheckpoint, ProgressBar
 from pytorch_lightning.plugins.io import CheckpointIO, TorchCheckpointIO
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
@@ -60,7 +61,9 @@ from lightning_cnet.checkpoint_io import AtomicCheckpointIO
 from lightning_cnet.classification import ClassificationTask
 from lightning_cnet.cost import check_cost, estimate_cost, training_batch_shape
 from lightning_cnet.data import DatasetNotFoundError
+from lightning_cnet.latest_run import LatestRunLink
 from lightning_cnet.models import ContinuousNet
+from lightning_cnet.progress_bar import CompactRichProgressBar, CompactTQDMProgressBar
 from lightning_cnet.resolution import StageResolution
 
 PROG = "lightning-cnet"
@@ -255,7 +258,8 @@ class ContinuousNetCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> pl.Trainer:
         """Add the ``last.ckpt`` checkpoint beside the best one, the requested manifestation of a loaded checkpoint,
-        the rich progress bar when ``rich`` is installed and no other progress bar is configured, and the CSV
+        the compact progress bar (:mod:`lightning_cnet.progress_bar`, rich when ``rich`` is installed) when no other
+        progress bar is configured, the ``latest`` link to the run for ``fit``, and the CSV
         prediction writer to ``predict`` when no prediction writer is configured."""
         best = next((cb for cb in callbacks if isinstance(cb, ModelCheckpoint)), None)
         if best is not None:
@@ -263,12 +267,12 @@ class ContinuousNetCLI(LightningCLI):
         if self._requested_manifestation:
             callbacks = [*callbacks, RequestedManifestation(**self._requested_manifestation)]
         configured = list(config.get("callbacks") or []) + list(callbacks)
-        if (
-            find_spec("rich") is not None
-            and config.get("enable_progress_bar") is not False
-            and not any(isinstance(cb, ProgressBar) for cb in configured)
-        ):
-            callbacks = [*callbacks, RichProgressBar()]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(cb, ProgressBar) for cb in configured):
+            callbacks = [*callbacks, CompactRichProgressBar() if find_spec("rich") else CompactTQDMProgressBar()]
+        if self.subcommand == "fit":
+            callbacks = [*callbacks, LatestRunLink()]
+        if isinstance(config.get("logger"), CSVLogger) and find_spec("tensorboard") is None:
+            _note_csv_logging()
         if (self.subcommand == "predict" and isinstance(self.model, ClassificationTask)
                 and not any(isinstance(cb, BasePredictionWriter) for cb in configured)):
             callbacks = [*callbacks, PredictionCSVWriter()]
@@ -382,6 +386,13 @@ def _warn_constant_rate(model: pl.LightningModule) -> None:
         f"and {own}: the learning rate stays constant; add --lr_scheduler (e.g. --lr_scheduler CosineAnnealingLR "
         "--lr_scheduler.T_max <max_epochs>) to schedule it\n"
     )
+
+
+@rank_zero_only
+def _note_csv_logging() -> None:
+    """One line on stderr: without ``tensorboard`` the run's metrics go to ``metrics.csv``."""
+    sys.stderr.write(f"{PROG}: tensorboard is not installed: the metrics go to metrics.csv in the run folder "
+                     "(pip install tensorboard for TensorBoard event files)\n")
 
 
 def _optimizers_in(value: Any) -> Iterator[Optimizer]:

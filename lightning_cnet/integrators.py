@@ -253,6 +253,33 @@ register_scheme(
 )
 
 
+# Embedded pairs: a solution and an error estimate from the same stages (adaptive steps: lightning_cnet.adaptive).
+register_scheme(
+    "bosh3",
+    a=[[0, 0, 0, 0], [_F(1, 2), 0, 0, 0], [0, _F(3, 4), 0, 0], [_F(2, 9), _F(1, 3), _F(4, 9), 0]],
+    b=[_F(2, 9), _F(1, 3), _F(4, 9), 0],
+    b_embedded=[_F(7, 24), _F(1, 4), _F(1, 3), _F(1, 8)],
+    order=3,
+    embedded_order=2,
+)
+register_scheme(
+    "dopri5",
+    a=[
+        [0, 0, 0, 0, 0, 0, 0],
+        [_F(1, 5), 0, 0, 0, 0, 0, 0],
+        [_F(3, 40), _F(9, 40), 0, 0, 0, 0, 0],
+        [_F(44, 45), _F(-56, 15), _F(32, 9), 0, 0, 0, 0],
+        [_F(19372, 6561), _F(-25360, 2187), _F(64448, 6561), _F(-212, 729), 0, 0, 0],
+        [_F(9017, 3168), _F(-355, 33), _F(46732, 5247), _F(49, 176), _F(-5103, 18656), 0, 0],
+        [_F(35, 384), 0, _F(500, 1113), _F(125, 192), _F(-2187, 6784), _F(11, 84), 0],
+    ],
+    b=[_F(35, 384), 0, _F(500, 1113), _F(125, 192), _F(-2187, 6784), _F(11, 84), 0],
+    b_embedded=[_F(5179, 57600), 0, _F(7571, 16695), _F(393, 640), _F(-92097, 339200), _F(187, 2100), _F(1, 40)],
+    order=5,
+    embedded_order=4,
+)
+
+
 def validate_n_steps(n_steps: int, argument: str = "n_steps") -> None:
     """Raise ``ValueError`` unless ``n_steps`` is an integer >= 1."""
     check_integer(argument, n_steps)

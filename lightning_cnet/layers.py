@@ -267,12 +267,32 @@ class TimeGate(TimeDependent):
 
 
 class _StatisticsSums:
-    """Node-weighted sums of batch means and variances per piece, while statistics are re-estimated."""
+    """Node-weighted sums of batch means and variances per piece, while statistics are re-estimated.
+
+    Each call's statistics are recorded as they are and summed (in float64) once, at the end: a call then costs a
+    list append instead of a few small tensor operations.
+    """
 
     def __init__(self, n_basis: int, num_features: int, device: torch.device) -> None:
-        self.weight = torch.zeros(n_basis, dtype=torch.float64, device=device)
-        self.mean = torch.zeros(n_basis, num_features, dtype=torch.float64, device=device)
-        self.var = torch.zeros(n_basis, num_features, dtype=torch.float64, device=device)
+        self.n_basis, self.num_features, self.device = n_basis, num_features, device
+        self.records: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []
+
+    def add(self, index: int, share: float, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Record a batch mean and variance reaching piece ``index`` with node weight ``share``."""
+        self.records.append((index, share, mean, var))
+
+    def totals(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(weight, mean, var)`` summed per piece: shapes ``[K]``, ``[K, C]``, ``[K, C]``."""
+        weight = torch.zeros(self.n_basis, dtype=torch.float64, device=self.device)
+        mean = torch.zeros(self.n_basis, self.num_features, dtype=torch.float64, device=self.device)
+        var = torch.zeros_like(mean)
+        if self.records:
+            index = torch.tensor([r[0] for r in self.records], device=self.device)
+            shares = torch.tensor([r[1] for r in self.records], dtype=torch.float64, device=self.device)
+            weight.index_add_(0, index, shares)
+            mean.index_add_(0, index, shares[:, None] * torch.stack([r[2] for r in self.records]).double())
+            var.index_add_(0, index, shares[:, None] * torch.stack([r[3] for r in self.records]).double())
+        return weight, mean, var
 
 
 class TimeBatchNorm2d(TimeDependent):
@@ -342,17 +362,29 @@ class TimeBatchNorm2d(TimeDependent):
             mean = at_time([piece.running_mean for piece in pieces], nodes_here)
             var = at_time([piece.running_var for piece in pieces], nodes_here)
             return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+        if self._sums is not None and x.dtype in (torch.float32, torch.float64):
+            return self._normalise_and_record(x, nodes, weight, bias, eps)
         with torch.no_grad():
             batch_var, batch_mean = torch.var_mean(x.detach().to(torch.float64), dim=(0, 2, 3), correction=1)
             if self._sums is not None:
                 for index, share in nodes:
-                    self._sums.weight[index] += share
-                    self._sums.mean[index] += share * batch_mean
-                    self._sums.var[index] += share * batch_var
+                    self._sums.add(index, share, batch_mean, batch_var)
             else:
                 for piece, share in zip(pieces, shares):
                     _update_running_statistics(piece, batch_mean, batch_var, share)
         return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+
+    def _normalise_and_record(self, x: torch.Tensor, nodes: NodeWeights, weight: torch.Tensor, bias: torch.Tensor,
+                              eps: float) -> torch.Tensor:
+        """While statistics are re-estimated: normalise with the batch statistics and add them to the sums of the
+        pieces read. ``batch_norm`` computes them once and hands them over in fresh buffers (momentum 1: the batch
+        mean and unbiased variance), which costs far less than a separate ``var_mean``."""
+        batch_mean = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
+        batch_var = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+        output = F.batch_norm(x, batch_mean, batch_var, weight, bias, True, 1.0, eps)
+        for index, share in nodes:
+            self._sums.add(index, share, batch_mean, batch_var)
+        return output
 
     @contextmanager
     def estimating_statistics(self) -> Iterator[None]:
@@ -365,12 +397,12 @@ class TimeBatchNorm2d(TimeDependent):
         self._sums = _StatisticsSums(self.n_basis, self.num_features, self.pieces[0].running_mean.device)
         try:
             yield
-            sums = self._sums
             with torch.no_grad():
+                weight, mean, var = self._sums.totals()
                 for index, piece in enumerate(self.pieces):
-                    if sums.weight[index] > 0:
-                        piece.running_mean.copy_(sums.mean[index] / sums.weight[index])
-                        piece.running_var.copy_(sums.var[index] / sums.weight[index])
+                    if weight[index] > 0:
+                        piece.running_mean.copy_(mean[index] / weight[index])
+                        piece.running_var.copy_(var[index] / weight[index])
         finally:
             self._sums = None
 

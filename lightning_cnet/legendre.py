@@ -8,6 +8,8 @@ ODE-Nets. The polynomials are orthogonal on ``[0, 1]`` (``integral P_i P_j = del
   ``theta(t)`` unchanged;
 * compression is truncation: the L2 projection onto ``K' < K`` coefficients keeps the first ``K'``.
 
+It is registered as ``"legendre"`` when :mod:`lightning_cnet.bases` is imported.
+
 Every coefficient acts at every time and the node weights take both signs: they are not a partition of unity, so
 layers that mix BatchNorm running statistics refuse this basis (a running variance mixed with negative weights is
 not a variance). Use it with units without BatchNorm (``unit="mlp"``, or a unit of your own).

@@ -122,6 +122,33 @@ def test_hard_digits_difficulty_smoke(bench):
     assert len(results) == 1 and 0.0 <= results[0]["test"] <= 1.0
 
 
+def test_threads_smoke(bench, tmp_path):
+    threads = bench("threads")
+    rows = threads.main(["--smoke", "--counts", "1", "2", "--csv", str(tmp_path / "t.csv")])
+    workloads = list(dict.fromkeys(row.workload for row in rows))
+    assert workloads == ["train N=1", "evaluate rk4 N=2", "recalibrate rk4 N=2"]
+    assert [row.threads for row in rows] == [1, 2] * 3
+    assert all(row.ratio_to_one_thread == 1.0 for row in rows if row.threads == 1)
+    assert all(row.ms > 0 and row.load_before for row in rows)
+    assert len(rows_of(tmp_path / "t.csv")) == 6
+
+
+def test_threads_measures_at_the_count_it_names(bench):
+    threads = bench("threads")
+    assert threads.with_threads(3, torch.get_num_threads)() == 3
+    assert threads.with_threads(1, torch.get_num_threads)() == 1
+
+
+def test_every_script_names_its_smoke_mode_alike():
+    """One name for the quick mode: ``--smoke``, whether a script defines it or takes it from ``_bench``."""
+    for script in sorted(BENCHMARKS.glob("*.py")):
+        if script.name.startswith("_"):
+            continue
+        text = script.read_text()
+        assert '"--quick"' not in text, script.name
+        assert '"--smoke"' in text or "add_common_arguments" in text, script.name
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 def test_cuda_is_refused_clearly_without_a_gpu(bench):
     with pytest.raises(SystemExit, match="--device cuda: this machine has no CUDA device"):

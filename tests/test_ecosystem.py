@@ -176,7 +176,7 @@ def test_channels_last_gives_the_contiguous_output_and_stays_through_refinement(
 
 
 def test_channels_last_benchmark_smoke_run():
-    result = subprocess.run([sys.executable, "benchmarks/channels_last.py", "--quick"], cwd=REPO, capture_output=True,
+    result = subprocess.run([sys.executable, "benchmarks/channels_last.py", "--smoke"], cwd=REPO, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith(("train", "infer"))]

@@ -57,9 +57,9 @@ def test_refinement_summary_picks_rates_on_validation_and_pairs_by_seed(refineme
     assert any(line.startswith(" 2.0 refined, noise 0.1") and " 72.00 +- " in line for line in text.splitlines())
 
 
-def test_refinement_quick_run_and_its_summary_from_csv(tmp_path):
+def test_refinement_smoke_run_and_its_summary_from_csv(tmp_path):
     out = tmp_path / "refinement.csv"
-    run = run_script("refinement.py", "--quick", "--out", str(out), cwd=tmp_path)
+    run = run_script("refinement.py", "--smoke", "--out", str(out), cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = rows_of(out)
     plain = {(row["method"], row["lr"]) for row in rows if not row["variant"]}
@@ -70,23 +70,23 @@ def test_refinement_quick_run_and_its_summary_from_csv(tmp_path):
     def summary(output: str) -> list[str]:
         return output[output.index("\nhard digits"):].splitlines()
 
-    again = run_script("refinement.py", "--quick", "--from-csv", str(out), cwd=tmp_path)
+    again = run_script("refinement.py", "--smoke", "--from-csv", str(out), cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(summary(run.stdout)) == 10 and summary(again.stdout) == summary(run.stdout)
 
 
-def test_main_job_sweep_quick_run(tmp_path):
+def test_main_job_sweep_smoke_run(tmp_path):
     out = tmp_path / "sweep.csv"
-    run = run_script("main_job_sweep.py", "--quick", "--out", str(out), cwd=tmp_path)
+    run = run_script("main_job_sweep.py", "--smoke", "--out", str(out), cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = rows_of(out)
     assert rows and all(0 <= float(row["test_acc"]) <= 100 for row in rows)
 
 
 @pytest.mark.slow
-def test_claims_quick_run_writes_every_table(tmp_path):
+def test_claims_smoke_run_writes_every_table(tmp_path):
     out = tmp_path / "claims"
-    run = run_script("claims.py", "--quick", "--out", str(out), cwd=tmp_path)
+    run = run_script("claims.py", "--smoke", "--out", str(out), cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     text = (out / "claims.md").read_text()
     for heading in ("BatchNorm statistics as trained", "BatchNorm statistics recalibrated", "Fitted order",
@@ -96,7 +96,7 @@ def test_claims_quick_run_writes_every_table(tmp_path):
         assert f"| {model} |" in text
         assert (out / "analysis" / f"{model}_s0" / "manifestation.csv").is_file()
     assert (out / "analysis" / "manifestation_overlay.png").stat().st_size > 0
-    resumed = run_script("claims.py", "--quick", "--resume", "--out", str(out), cwd=tmp_path)
+    resumed = run_script("claims.py", "--smoke", "--resume", "--out", str(out), cwd=tmp_path)
     assert resumed.returncode == 0 and " fit " not in resumed.stdout, "a resumed run trains nothing again"
 
 

@@ -480,12 +480,12 @@ def test_docstring_examples():
     assert result.attempted > 0 and result.failed == 0
 
 
-def test_overhead_benchmark_quick_mode_runs(monkeypatch, capsys):
+def test_overhead_benchmark_smoke_mode_runs(monkeypatch, capsys):
     spec = importlib.util.spec_from_file_location("guard_overhead", REPO / "benchmarks" / "guard_overhead.py")
     benchmark = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "guard_overhead", benchmark)  # its dataclasses look their module up
     spec.loader.exec_module(benchmark)
-    monkeypatch.setattr(sys, "argv", ["guard_overhead.py", "--quick"])
+    monkeypatch.setattr(sys, "argv", ["guard_overhead.py", "--smoke"])
     lightning_logger = logging.getLogger("pytorch_lightning")
     monkeypatch.setattr(lightning_logger, "level", lightning_logger.level)  # main() quietens Lightning
     benchmark.main()

@@ -206,13 +206,13 @@ def test_csv_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
 )
 def test_command_line_rejects_bad_values(argv: list[str], message: str, tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
-        study.main([*argv, "--quick", "--out", str(tmp_path)])
+        study.main([*argv, "--smoke", "--out", str(tmp_path)])
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir()), "nothing is written for a rejected command"
 
 
-def test_quick_run_writes_the_table_the_summary_and_the_figure(tmp_path: Path) -> None:
-    outputs = study.main(["--quick", "--seeds", "0", "--out", str(tmp_path), "--no-progress"])
+def test_smoke_run_writes_the_table_the_summary_and_the_figure(tmp_path: Path) -> None:
+    outputs = study.main(["--smoke", "--seeds", "0", "--out", str(tmp_path), "--no-progress"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pendulum.png", "pendulum_errors.csv", "pendulum_summary.csv"]
     assert outputs["figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with outputs["errors"].open() as handle:

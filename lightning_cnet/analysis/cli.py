@@ -32,6 +32,7 @@ from typing import Any, NoReturn
 import torch
 import yaml
 
+import lightning_cnet
 from lightning_cnet._atomic import os_error_in, remove_stale_temporaries
 from lightning_cnet.analysis import _files
 from lightning_cnet.analysis._files import check_writable, write_atomically, write_csv
@@ -47,6 +48,7 @@ from lightning_cnet.analysis.plots import (
     plot_depth_profile,
     plot_manifestation,
     plot_training_curve,
+    require_matplotlib,
 )
 from lightning_cnet.batches import model_input
 from lightning_cnet.callbacks.depth_refinement import refinable_modules
@@ -310,13 +312,16 @@ def _manifestation(args: argparse.Namespace) -> None:
     rows_by_label = {}
     for label, task, net in zip(inputs.labels, inputs.tasks, inputs.nets):
         rows = manifestation_sweep(net, inputs.batches_of(task), schemes=args.schemes, n_steps=args.n_steps,
-                                   reference_steps=args.reference_steps, recalibration=inputs.recalibration,
+                                   reference_steps=args.reference_steps, reference_rtol=args.reference_rtol,
+                                   recalibration=inputs.recalibration,
                                    recalibration_batches=args.recalibration_batches)
         rows_by_label[label] = [{"checkpoint": label, **row} for row in rows]
     all_rows = [row for rows in rows_by_label.values() for row in rows]
     table = write_csv(all_rows, inputs.out / "manifestation.csv")
     picture = plot_manifestation(rows_by_label, inputs.out / "manifestation.png", metric=inputs.metric(all_rows))
-    _print_rows(all_rows)
+    _print_rows(all_rows, [column for column in all_rows[0] if column != "reference_steps"])
+    references = dict.fromkeys((row["checkpoint"], row["bn"], row["reference_steps"]) for row in all_rows)
+    print("reference: rk4 at " + ", ".join(f"{steps} steps ({label}, {mode})" for label, mode, steps in references))
     print(f"wrote {table} and {picture}")
 
 
@@ -429,12 +434,15 @@ def _curve(args: argparse.Namespace) -> None:
         refinements = [value for _, value in read_scalars(args.metrics, "refinement/epoch")]
     except ValueError:  # no refinement in this run
         refinements = []
-    print(f"wrote {plot_training_curve(points, refinements, out, metric=args.metric)}")
+    run = Path(args.metrics).resolve()
+    title = f"{args.metric}: {run.parent.name}/{run.name}" if run.is_dir() else f"{args.metric}: {run.name}"
+    print(f"wrote {plot_training_curve(points, refinements, out, metric=args.metric, title=title)}")
 
 
 # ---------------------------------------------------------------------- parser
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"{PROG} {lightning_cnet.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     schemes = f"schemes (default: all registered: {', '.join(list_schemes())})"
 
@@ -449,14 +457,20 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--split", choices=SPLITS, default="test", help="data split to evaluate on")
             sub.add_argument("--num_batches", type=int, default=None, help="evaluate at most this many batches")
         sub.add_argument("--out", default="analysis", help="output folder")
-        sub.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+        sub.add_argument("--threads", type=int, default=None,
+                         help="torch intra-op threads (default: LIGHTNING_CNET_THREADS, OMP_NUM_THREADS or the cores "
+                              "the load average leaves free)")
         return sub
 
     manifestation = study("manifestation", "accuracy and logit distance for every scheme and step count", many=True)
     manifestation.add_argument("--schemes", nargs="+", help=schemes)
     manifestation.add_argument("--n_steps", nargs="+", type=int,
                                help="step counts (default: 1 2 3 4 6 8 12 16 ... up to twice the trained count)")
-    manifestation.add_argument("--reference_steps", type=int, help="RK4 steps of the reference (default: 16 x max)")
+    manifestation.add_argument("--reference_steps", type=int,
+                               help="RK4 steps of the reference (default: the first of 2, 4, ... 16 x the largest "
+                                    "step count whose logits change by at most --reference_rtol from half as many)")
+    manifestation.add_argument("--reference_rtol", type=float, default=1e-4,
+                               help="convergence tolerance of the reference (relative change of the logits)")
     manifestation.add_argument("--recalibrate_bn", action="store_true",
                                help="also evaluate with BatchNorm statistics re-estimated at each manifestation")
     manifestation.add_argument("--recalibration_batches", type=int, default=10, help="training batches to use")
@@ -499,6 +513,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         warnings.showwarning = _one_line_warning
         try:
             args = _parser().parse_args(argv)
+            if args.command != "export":
+                require_matplotlib()
             if args.threads is not None:
                 torch.set_num_threads(args.threads)
             args.run(args)
@@ -520,5 +536,7 @@ def _one_line_warning(message: Warning | str, category: type[Warning], *args: ob
     print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # through the launcher, as the console script: the same thread count
+    from lightning_cnet.launcher import analyze_main
+
+    analyze_main()

@@ -21,8 +21,7 @@ import copy
 from collections.abc import Sequence
 from typing import Any
 
-from tqdm.auto import tqdm
-
+from lightning_cnet.analysis._progress import pass_work, work_bar
 from lightning_cnet.analysis.evaluation import Batch, evaluate
 from lightning_cnet.models import ContinuousNet
 
@@ -63,7 +62,7 @@ def compression_sweep(
         model: a trained ContinuousNet (left unchanged).
         batches: materialised evaluation batches.
         pairs: ``(n_basis, n_steps)`` per row, applied to every stage; ``n_basis`` at most the model's.
-        progress: show a progress bar.
+        progress: show a progress bar (of residual evaluations times images).
 
     Returns:
         One row per pair, after a first row for the stages-off baseline (``n_basis = n_steps = 0``, the parameters
@@ -75,11 +74,20 @@ def compression_sweep(
     """
     check_pairs(model, pairs)
     model.eval()
+    images = sum(len(targets) for _, targets in batches)
+    work = [images]
+    for _, n in pairs:
+        with model.manifestation(n_steps=n):  # a compressed copy runs n steps of the same scheme
+            work.append(pass_work(model, images))
+    bar = work_bar(sum(work), "compressions", enabled=progress)
     outside = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("stages."))
     with model.stages_off():
         rows = [{"n_basis": 0, "n_steps": 0, "parameters": outside, **evaluate(model, batches)}]
-    for k, n in tqdm(pairs, desc="compressions", disable=not progress):
+    bar.update(work[0])
+    for (k, n), amount in zip(pairs, work[1:]):
         copied = compressed(model, k, n)
         rows.append({"n_basis": k, "n_steps": n, "parameters": sum(p.numel() for p in copied.parameters()),
                      **evaluate(copied, batches)})
+        bar.update(amount)
+    bar.close()
     return rows

@@ -33,8 +33,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
+from lightning_cnet.analysis._progress import pass_work, work_bar
 from lightning_cnet.analysis.evaluation import Batch
 from lightning_cnet.analysis.manifestation import check_sweep_arguments, step_grid
 from lightning_cnet.bases import get_basis
@@ -43,9 +43,13 @@ from lightning_cnet.integrators import get_scheme, list_schemes
 from lightning_cnet.models import ContinuousNet
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _outputs(model: ContinuousNet, batches: Sequence[Batch], stage_inputs: list[list[torch.Tensor]] | None):
-    """Logits per batch and, per stage, its output (from ``stage_inputs`` if given) and its input, per batch."""
+    """Logits per batch and, per stage, its output (from ``stage_inputs`` if given) and its input, per batch.
+
+    The first stage's input is the stem's output, the same at every manifestation: its output from the whole
+    network is taken as it is rather than computed a second time from ``stage_inputs``.
+    """
     logits, inputs, outputs = [], [[] for _ in model.stages], [[] for _ in model.stages]
 
     def record(index: int) -> Any:
@@ -63,13 +67,21 @@ def _outputs(model: ContinuousNet, batches: Sequence[Batch], stage_inputs: list[
         for handle in handles:
             handle.remove()
     if stage_inputs is not None:
-        outputs = [[stage(x) for x in stage_inputs[i]] for i, stage in enumerate(model.stages)]
+        outputs = outputs[:1] + [[stage(x) for x in stage_inputs[i]] for i, stage in enumerate(model.stages) if i > 0]
     return logits, inputs, outputs
 
 
 def _relative_error(values: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:
     difference = sum((v - r).square().sum().item() for v, r in zip(values, reference))
     return math.sqrt(difference / sum(r.square().sum().item() for r in reference))
+
+
+def _work(model: ContinuousNet, images: int, scheme: str, steps: int, *, stages_alone: bool) -> int:
+    """The work of :func:`_outputs` at one manifestation: the whole network, and (``stages_alone``) every stage
+    after the first once more."""
+    with model.manifestation(scheme=scheme, n_steps=steps):
+        whole = pass_work(model, images)
+        return whole + (whole - pass_work(model.stages[0], images) if stages_alone else 0)
 
 
 def fit_order(points: Sequence[tuple[int, float]]) -> float:
@@ -104,7 +116,7 @@ def convergence_study(
             ``n_basis`` or trained step count).
         reference_scheme: scheme of the fine reference.
         reference_steps: its step count (default: 16 times the largest of ``n_steps``).
-        progress: show a progress bar.
+        progress: show a progress bar (of residual evaluations times images).
 
     Returns:
         ``(errors, orders)``: rows ``scheme, n_steps, aligned, output, error`` and rows
@@ -118,19 +130,27 @@ def convergence_study(
     work = copy.deepcopy(model).double().eval()
     device = next(work.parameters()).device
     batches = [to_device(batch, device, torch.float64) for batch in batches]
+    images = sum(len(model_input(batch)) for batch in batches)
+    grid = [(s, n) for s in schemes for n in n_steps]
+    amounts = [_work(work, images, scheme, steps, stages_alone=True) for scheme, steps in grid]
+    reference_amount = _work(work, images, reference_scheme, reference_steps, stages_alone=False)
+    bar = work_bar(reference_amount + sum(amounts), "convergence", enabled=progress)
     with work.manifestation(scheme=reference_scheme, n_steps=reference_steps):
         reference_logits, stage_inputs, reference_outputs = _outputs(work, batches, None)
+    bar.update(reference_amount)
 
     errors: list[dict[str, Any]] = []
-    for scheme, steps in tqdm([(s, n) for s in schemes for n in n_steps], desc="convergence", disable=not progress):
+    for (scheme, steps), amount in zip(grid, amounts):
         with work.manifestation(scheme=scheme, n_steps=steps):
             logits, _, outputs = _outputs(work, batches, stage_inputs)
+        bar.update(amount)
         aligned = all(steps % k == 0 for k in pieces)
         errors.append({"scheme": scheme, "n_steps": steps, "aligned": aligned, "output": "logits",
                        "error": _relative_error(logits, reference_logits)})
         for index, (values, reference) in enumerate(zip(outputs, reference_outputs)):
             errors.append({"scheme": scheme, "n_steps": steps, "aligned": steps % pieces[index] == 0,
                            "output": f"stage{index}", "error": _relative_error(values, reference)})
+    bar.close()
 
     orders: list[dict[str, Any]] = []
     for scheme in schemes:

@@ -119,7 +119,8 @@ def evaluate(
 ) -> dict[str, float]:
     """Metrics, latency and (with ``reference``) the relative distance of the outputs.
 
-    The model runs in eval mode; the first batch is run once untimed, so that one-off costs do not count.
+    The model runs in eval mode, without autograd (inference mode). The latency is the median over batches; with
+    fewer than three batches the first one is run once more beforehand, untimed, so that one-off costs do not count.
 
     Args:
         model: the model (its current manifestation is evaluated).
@@ -155,7 +156,8 @@ def evaluate(
 def _classification(model: nn.Module, batches: Sequence[Batch]) -> tuple[dict[str, float], list[torch.Tensor],
                                                                          list[float]]:
     model.eval()
-    model(batches[0][0])
+    if len(batches) < 3:
+        model(batches[0][0])
     outputs, milliseconds = [], []
     for inputs, _ in batches:
         start = time.perf_counter()

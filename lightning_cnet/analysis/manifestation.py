@@ -7,6 +7,18 @@ model about as accurate without its stages is trivially "invariant", and its swe
 statistics belong to the training manifestation; with recalibration batches each manifestation is evaluated twice,
 as trained and with re-estimated statistics (:func:`~lightning_cnet.recalibrate_bn`).
 
+**The reference.** The logits of every row are compared with a fine solution of the model's ODE: the reference
+scheme (RK4) at ``N = 2M, 4M, 8M, ...`` steps (``M`` the largest swept count), the first ``N`` whose logits differ
+from those at ``N / 2`` by at most ``reference_rtol`` (relative Frobenius norm over all batches; default ``1e-4``),
+and at most ``16M``. For a scheme converging at order ``p >= 1`` (in its asymptotic regime) that difference bounds
+the reference's own error, so every distance in the table is within ``reference_rtol`` of the distance to the exact
+solution of the ODE. The check starts from
+the row at ``(reference scheme, M)`` when the sweep has it, and is made for each BatchNorm setting (with statistics
+re-estimated at each candidate). The step count used is the ``reference_steps`` column.
+
+**Cost.** Rows are evaluated in place (no copies of the model; re-estimated statistics are put back afterwards),
+without gradients, and the progress bar counts residual evaluations times images, the reference included.
+
 Example:
     >>> import torch
     >>> from lightning_cnet import get_model
@@ -21,18 +33,23 @@ Example:
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
-from tqdm.auto import tqdm
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_cnet.analysis.evaluation import Batch, evaluate, logits_of
+from lightning_cnet.analysis._progress import add_work, pass_work, work_bar
+from lightning_cnet.analysis.evaluation import Batch, evaluate
 from lightning_cnet.integrators import get_scheme, list_schemes, validate_n_steps
 from lightning_cnet.models import ContinuousNet
 from lightning_cnet.recalibration import recalibrate_bn
 
 AS_TRAINED, RECALIBRATED = "as trained", "recalibrated"
+#: The reference is at most this many times the largest swept step count.
+MAX_REFERENCE_FACTOR = 16
 
 
 def step_grid(largest: int) -> list[int]:
@@ -64,11 +81,98 @@ def check_sweep_arguments(schemes: Sequence[str], n_steps: Sequence[int]) -> Non
         validate_n_steps(steps)
 
 
-def _recalibrated(model: ContinuousNet, scheme: str, n_steps: int, batches: Sequence[Any], count: int | None):
-    work = copy.deepcopy(model)
-    work.set_manifestation(scheme=scheme, n_steps=n_steps)
-    recalibrate_bn(work, batches, num_batches=count)
-    return work.eval()
+def relative_distance(values: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:
+    """``||values - reference||_F / ||reference||_F`` over all batches (in float64)."""
+    difference = sum((v - r).double().square().sum().item() for v, r in zip(values, reference))
+    return math.sqrt(difference / sum(r.double().square().sum().item() for r in reference))
+
+
+@contextmanager
+def statistics_restored(model: torch.nn.Module) -> Iterator[None]:
+    """Put every BatchNorm buffer (running statistics, batch counts) back as it was when the block ends."""
+    saved = [(buffer, buffer.clone()) for module in model.modules() if isinstance(module, _BatchNorm)
+             for buffer in module.buffers(recurse=False)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+class _Evaluator:
+    """Evaluates ``model`` at manifestations, as trained or with re-estimated statistics, keeping the logits."""
+
+    def __init__(self, model: ContinuousNet, batches: Sequence[Batch], recalibration: Sequence[Any] | None,
+                 recalibration_batches: int | None, bar: Any) -> None:
+        self.model, self.batches, self.bar = model, batches, bar
+        self.recalibration = None if recalibration is None else list(recalibration)[:recalibration_batches]
+        self.images = sum(len(targets) for _, targets in batches)
+        self.recalibration_images = sum(len(_inputs(batch)) for batch in self.recalibration or [])
+
+    def work(self, mode: str) -> int:
+        """The work of one evaluation at the model's current manifestation."""
+        images = self.images + (self.recalibration_images if mode == RECALIBRATED else 0)
+        return pass_work(self.model, images)
+
+    def __call__(self, mode: str, scheme: str, n_steps: int) -> tuple[dict[str, float], list[torch.Tensor]]:
+        """Metrics (:func:`~lightning_cnet.analysis.evaluate`) and logits of one manifestation."""
+        with self.model.manifestation(scheme=scheme, n_steps=n_steps), statistics_restored(self.model):
+            work = self.work(mode)
+            if mode == RECALIBRATED:
+                recalibrate_bn(self.model, self.recalibration)
+            result = self.evaluate()
+        self.bar.update(work)
+        return result
+
+    def evaluate(self) -> tuple[dict[str, float], list[torch.Tensor]]:
+        logits: list[torch.Tensor] = []
+        hook = self.model.register_forward_hook(lambda module, args, output: logits.append(output))
+        try:
+            metrics = evaluate(self.model, self.batches)
+        finally:
+            hook.remove()
+        return metrics, logits[-len(self.batches):]
+
+
+def _inputs(batch: Any) -> torch.Tensor:
+    return batch if isinstance(batch, torch.Tensor) else batch[0]
+
+
+def _fine_reference(
+    evaluator: _Evaluator, mode: str, scheme: str, coarse: list[torch.Tensor] | None, largest: int, rtol: float
+) -> tuple[int, list[torch.Tensor]]:
+    """The reference of this module's docstring: ``scheme`` at the first of ``2 * largest, 4 * largest, ...`` steps whose logits change by at most ``rtol`` from half as many steps, at most
+    ``MAX_REFERENCE_FACTOR * largest``.
+
+    Args:
+        evaluator: evaluates the model in ``mode``.
+        mode: the BatchNorm setting.
+        scheme: the reference scheme.
+        coarse: the logits at ``(scheme, largest)`` if already known.
+        largest: the largest swept step count.
+        rtol: the largest relative change accepted.
+
+    Returns:
+        ``(n_steps, logits)`` of the reference.
+    """
+    if coarse is None:
+        coarse = _unplanned(evaluator, mode, scheme, largest)[1]
+    steps = largest
+    while steps < MAX_REFERENCE_FACTOR * largest:
+        steps *= 2
+        fine = _unplanned(evaluator, mode, scheme, steps)[1]
+        if relative_distance(coarse, fine) <= rtol:
+            break
+        coarse = fine
+    return steps, fine
+
+
+def _unplanned(evaluator: _Evaluator, mode: str, scheme: str, steps: int) -> tuple[dict[str, float], list[torch.Tensor]]:
+    """Evaluate a manifestation that was not in the bar's plan: its work is added first."""
+    with evaluator.model.manifestation(scheme=scheme, n_steps=steps):
+        add_work(evaluator.bar, evaluator.work(mode))
+    return evaluator(mode, scheme, steps)
 
 
 def manifestation_sweep(
@@ -79,6 +183,7 @@ def manifestation_sweep(
     n_steps: Sequence[int] | None = None,
     reference_scheme: str = "rk4",
     reference_steps: int | None = None,
+    reference_rtol: float = 1e-4,
     recalibration: Sequence[Any] | None = None,
     recalibration_batches: int | None = None,
     progress: bool = True,
@@ -91,51 +196,57 @@ def manifestation_sweep(
         schemes: scheme names (default: every registered scheme).
         n_steps: step counts per stage (default: :func:`step_grid` up to twice the largest trained count).
         reference_scheme: scheme of the fine reference the logits are compared with.
-        reference_steps: its step count (default: 16 times the largest swept count).
+        reference_steps: its step count (default: chosen by the convergence check of this module's docstring).
+        reference_rtol: the tolerance of that check.
         recalibration: unlabeled batches (tensors or ``(inputs, targets)``); if given, every manifestation is also
             evaluated with BatchNorm statistics re-estimated at it.
         recalibration_batches: use at most this many of them.
-        progress: show a progress bar.
+        progress: show a progress bar (of residual evaluations times images).
 
     Returns:
         One row per evaluation: ``scheme`` (``"stages_off"`` for the baseline, with ``n_steps`` 0), ``n_steps``,
-        ``bn`` (``"as trained"`` or ``"recalibrated"``), ``trained`` (the training manifestation), and the keys of
-        :func:`~lightning_cnet.analysis.evaluate`.
+        ``bn`` (``"as trained"`` or ``"recalibrated"``), ``trained`` (the training manifestation), the keys of
+        :func:`~lightning_cnet.analysis.evaluate` and ``reference_steps`` (the reference's step count).
     """
     schemes = list(schemes) if schemes is not None else list_schemes()
     largest_trained = max(r.n_steps for r in model.resolution)
     n_steps = list(n_steps) if n_steps is not None else step_grid(2 * largest_trained)
-    reference_steps = reference_steps or 16 * max(n_steps)
-    check_sweep_arguments([*schemes, reference_scheme], [*n_steps, reference_steps])
+    check_sweep_arguments([*schemes, reference_scheme], [*n_steps, *([reference_steps] if reference_steps else [])])
+    if not (isinstance(reference_rtol, (int, float)) and reference_rtol > 0):
+        raise ValueError(f"reference_rtol={reference_rtol!r} is not valid: expected a positive number")
+    if recalibration is not None and not list(recalibration):
+        raise ValueError("recalibration: no batches to re-estimate the BatchNorm statistics from")
     trained = trained_manifestation(model)
     modes = [AS_TRAINED] + ([RECALIBRATED] if recalibration is not None else [])
     grid = [(mode, scheme, steps) for mode in modes for scheme in schemes for steps in n_steps]
-    progress_bar = tqdm(total=len(grid) + len(modes) + 1, desc="manifestations", disable=not progress)
-
-    references = {}
-    for mode in modes:
-        if mode == AS_TRAINED:
-            with model.manifestation(scheme=reference_scheme, n_steps=reference_steps):
-                references[mode] = logits_of(model, batches)
-        else:
-            references[mode] = logits_of(
-                _recalibrated(model, reference_scheme, reference_steps, recalibration, recalibration_batches), batches
-            )
-        progress_bar.update()
     model.eval()
-    with model.stages_off():
-        rows = [{"scheme": "stages_off", "n_steps": 0, "bn": AS_TRAINED, "trained": False,
-                 **evaluate(model, batches, reference=references[AS_TRAINED])}]
-    progress_bar.update()
+    bar = work_bar(0, "manifestations", enabled=progress)
+    evaluator = _Evaluator(model, batches, recalibration, recalibration_batches, bar)
     for mode, scheme, steps in grid:
-        if mode == AS_TRAINED:
-            with model.manifestation(scheme=scheme, n_steps=steps):
-                result = evaluate(model, batches, reference=references[mode])
+        with model.manifestation(scheme=scheme, n_steps=steps):
+            add_work(bar, evaluator.work(mode))
+    with model.stages_off():
+        add_work(bar, evaluator.work(AS_TRAINED))
+        off = evaluator.evaluate()
+        bar.update(evaluator.work(AS_TRAINED))
+    results = {key: evaluator(*key) for key in grid}
+
+    references: dict[str, tuple[int, list[torch.Tensor]]] = {}
+    largest = max(n_steps)
+    for mode in modes:
+        if reference_steps:
+            references[mode] = reference_steps, _unplanned(evaluator, mode, reference_scheme, reference_steps)[1]
         else:
-            work = _recalibrated(model, scheme, steps, recalibration, recalibration_batches)
-            result = evaluate(work, batches, reference=references[mode])
-        rows.append({"scheme": scheme, "n_steps": steps, "bn": mode, "trained": (scheme, steps) == trained,
-                     **result})
-        progress_bar.update()
-    progress_bar.close()
-    return rows
+            coarse = results.get((mode, reference_scheme, largest))
+            references[mode] = _fine_reference(evaluator, mode, reference_scheme, coarse and coarse[1], largest,
+                                              reference_rtol)
+    bar.close()
+
+    def row(scheme: str, steps: int, mode: str, result: tuple[dict[str, float], list[torch.Tensor]]) -> dict:
+        metrics, logits = result
+        reference_n, reference = references[mode]
+        return {"scheme": scheme, "n_steps": steps, "bn": mode, "trained": (scheme, steps) == trained,
+                **metrics, "logit_distance": relative_distance(logits, reference), "reference_steps": reference_n}
+
+    return [row("stages_off", 0, AS_TRAINED, off)] + [row(scheme, steps, mode, results[mode, scheme, steps])
+                                                      for mode, scheme, steps in grid]

@@ -1,5 +1,4 @@
-"""Pictures of the studies (matplotlib, headless Agg backend; install the ``plot`` extra). Every file is written
-atomically."""
+"""Pictures of the studies (matplotlib, headless Agg backend). Every file is written atomically."""
 
 from __future__ import annotations
 
@@ -18,11 +17,17 @@ def _pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
-        raise ImportError("plots need matplotlib: pip install 'lightning-cnet[plot]'") from None
+        raise ImportError("the figures need matplotlib, a dependency of lightning-cnet that is not installed here: "
+                          "pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def require_matplotlib() -> None:
+    """Raise the one-line ``ImportError`` of a missing matplotlib now, before a study's work rather than after it."""
+    _pyplot()
 
 
 def _save(figure: Any, path: str | Path) -> Path:
@@ -39,28 +44,30 @@ def _colours(labels: Sequence[str]) -> dict[str, Any]:
 
 def plot_manifestation(rows_by_label: Mapping[str, Sequence[dict[str, Any]]], path: str | Path, *,
                        metric: str = "accuracy") -> Path:
-    """``metric`` (accuracy in %, or a task's own) and logit distance against step count: a colour per checkpoint, a
-    line style per scheme, a star at each checkpoint's training manifestation and a dotted line at its stages-off
-    value; one column per BatchNorm mode (as trained, recalibrated)."""
+    """``metric`` (accuracy in %, or a task's own) and logit distance against step count, one column per BatchNorm
+    mode (as trained, recalibrated), a star at each checkpoint's training manifestation and a dotted line at its
+    stages-off value. One checkpoint: a colour per scheme; several: a colour per checkpoint and a line style per
+    scheme."""
     value, label_of_value = _metric_axis(metric)
     plt = _pyplot()
     rows = [row for group in rows_by_label.values() for row in group]
     modes = list(dict.fromkeys(row["bn"] for row in rows if row["scheme"] != "stages_off"))
     schemes = list(dict.fromkeys(row["scheme"] for row in rows if row["scheme"] != "stages_off"))
-    styles = dict(zip(schemes, itertools.cycle(LINE_STYLES)))
-    colours = _colours(list(rows_by_label))
+    by_scheme = len(rows_by_label) == 1
+    styles = dict.fromkeys(schemes, "-") if by_scheme else dict(zip(schemes, itertools.cycle(LINE_STYLES)))
+    colours = _colours(schemes if by_scheme else list(rows_by_label))
     figure, axes = plt.subplots(2, len(modes), figsize=(6.5 * len(modes), 7), squeeze=False, sharex=True)
     for column, mode in enumerate(modes):
         accuracy_axes, distance_axes = axes[0][column], axes[1][column]
         for label, group in rows_by_label.items():
-            colour = colours[label]
             for scheme in schemes:
+                colour = colours[scheme if by_scheme else label]
                 points = sorted((r["n_steps"], r) for r in group if (r["scheme"], r["bn"]) == (scheme, mode))
                 if not points:
                     continue
                 steps = [n for n, _ in points]
-                accuracy_axes.plot(steps, [value(r) for _, r in points], color=colour,
-                                   linestyle=styles[scheme], marker=".", label=f"{label} {scheme}")
+                accuracy_axes.plot(steps, [value(r) for _, r in points], color=colour, marker=".",
+                                   linestyle=styles[scheme], label=scheme if by_scheme else f"{label} {scheme}")
                 distance_axes.plot(steps, [r["logit_distance"] for _, r in points], color=colour,
                                    linestyle=styles[scheme], marker=".")
                 for n, row in points:
@@ -69,9 +76,9 @@ def plot_manifestation(rows_by_label: Mapping[str, Sequence[dict[str, Any]]], pa
                                            linestyle="none")
             off = [r for r in group if r["scheme"] == "stages_off"]
             if off:
-                accuracy_axes.axhline(value(off[0]), color=colour, linestyle=":", linewidth=1,
-                                      label=f"{label} stages off")
-        accuracy_axes.set_title(f"BatchNorm statistics {mode}")
+                accuracy_axes.axhline(value(off[0]), color="gray" if by_scheme else colours[label],
+                                      linestyle=":", linewidth=1, label=f"{label} stages off")
+        accuracy_axes.set_title(f"{next(iter(rows_by_label)) + ': ' if by_scheme else ''}BatchNorm statistics {mode}")
         accuracy_axes.set_ylabel(label_of_value)
         distance_axes.set_ylabel("relative logit distance to the reference")
         distance_axes.set_yscale("log")
@@ -214,16 +221,29 @@ def plot_compression(rows: Sequence[dict[str, Any]], path: str | Path, *, traine
 
 
 def plot_training_curve(
-    points: Sequence[tuple[float, float]], refinements: Sequence[float], path: str | Path, *, metric: str
+    points: Sequence[tuple[float, float]], refinements: Sequence[float], path: str | Path, *, metric: str,
+    title: str | None = None,
 ) -> Path:
-    """A metric against epoch, with the refinement epochs marked."""
+    """A metric against epoch (whole-number ticks), with the refinement epochs marked.
+
+    Args:
+        points: ``(epoch, value)`` pairs.
+        refinements: the epochs at which the model was refined.
+        path: the PNG to write.
+        metric: the metric's name (the y label).
+        title: the figure's title (default: the metric's name).
+    """
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     figure, axes = plt.subplots(figsize=(6, 4))
     axes.plot(*zip(*sorted(points)), marker=".", label=metric)
     for index, epoch in enumerate(sorted(set(refinements))):
         axes.axvline(epoch, color="gray", linestyle="--", label="refinement" if index == 0 else None)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("epoch")
     axes.set_ylabel(metric)
+    axes.set_title(title or f"{metric} by epoch")
     axes.grid(alpha=0.3)
     axes.legend()
     return _save(figure, path)
