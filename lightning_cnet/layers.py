@@ -41,7 +41,8 @@ class ParameterChange:
     Attributes:
         old: the layer's parameters before, in module order.
         new: the layer's parameters after, in module order.
-        sources: each new parameter -> the old parameters it is a linear combination of, with their coefficients.
+        sources: each new parameter -> the old parameters it is a linear combination of, with their coefficients (all
+            of them with coefficient 0 for a new parameter that starts at zero).
     """
 
     old: tuple[nn.Parameter, ...]
@@ -72,7 +73,10 @@ def resample_pieces(pieces: Sequence[torch.Tensor], matrix: torch.Tensor) -> lis
 
 
 def _sources(matrix: torch.Tensor, old: Sequence[nn.Parameter], row: int) -> tuple[tuple[nn.Parameter, float], ...]:
-    return tuple((old[col], float(matrix[row, col])) for col in range(matrix.shape[1]) if matrix[row, col] != 0)
+    """The old pieces a new one combines, with their coefficients; a new piece that starts at zero (a higher Legendre
+    mode) is the zero combination of all of them, so that optimizers put it with them."""
+    found = tuple((old[col], float(matrix[row, col])) for col in range(matrix.shape[1]) if matrix[row, col] != 0)
+    return found or tuple((piece, 0.0) for piece in old)
 
 
 def _weight_and_bias(

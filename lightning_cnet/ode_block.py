@@ -250,12 +250,12 @@ class ODEBlock(nn.Module):
         integrator: Integrator[Any] | None = None,
     ) -> Iterator[ODEBlock]:
         """Temporarily integrate another way (arguments as :meth:`set_manifestation`)."""
-        previous = self._resolution
+        previous = self._resolution, self._integrator, self._plan
         self.set_manifestation(scheme=scheme, n_steps=n_steps, integrator=integrator)
         try:
             yield self
         finally:
-            self._take(previous)
+            self._resolution, self._integrator, self._plan = previous
 
     def refine(self, *, noise_std: float = 0.0, generator: torch.Generator | None = None,
                step_factor: int = 2) -> BlockChange:

@@ -167,6 +167,9 @@ class StageResolution:
         if integrator is None:
             changes: dict[str, Any] = {} if scheme is None else {"scheme": scheme, "rtol": None, "atol": None}
             return self.replace(**changes, **({} if n_steps is None else {"n_steps": n_steps}))
+        if not isinstance(integrator, (FixedStepRK, AdaptiveRK)):
+            raise ValueError(f"integrator={integrator!r} is not valid: expected a FixedStepRK or an AdaptiveRK, whose "
+                             "settings a stage can store in its checkpoint")
         if scheme is not None:
             raise ValueError(f"scheme={scheme!r} and integrator={integrator!r}: give one of them (the integrator "
                              "names its scheme)")
@@ -175,10 +178,7 @@ class StageResolution:
         steps = next(n for n in (n_steps, integrator.n_steps, self.n_steps) if n is not None)
         if isinstance(integrator, AdaptiveRK):
             return self.replace(scheme=integrator.tableau, n_steps=steps, rtol=integrator.rtol, atol=integrator.atol)
-        if isinstance(integrator, FixedStepRK):
-            return self.replace(scheme=integrator.tableau, n_steps=steps, rtol=None, atol=None)
-        raise ValueError(f"integrator={integrator!r} is not valid: expected a FixedStepRK or an AdaptiveRK, whose "
-                         "settings a stage can store in its checkpoint")
+        return self.replace(scheme=integrator.tableau, n_steps=steps, rtol=None, atol=None)
 
     # ------------------------------------------------------------------ checkpoints
     def to_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
