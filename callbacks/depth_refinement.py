@@ -182,7 +182,8 @@ class DepthRefinementMixin:
             batch (``batch_size``, ``in_chans``, ``image_size``), does not fit in the device's memory.
 
     One per Trainer: every refinement callback refines every ContinuousNet and ODEBlock of the LightningModule, so a
-    second one is refused at ``setup`` (give one callback the combined schedule). Its state is saved under :attr:`state_key`; a checkpoint that saved it under another key (written by
+    second one is refused at ``setup`` (give one callback the combined schedule). Its state (the level reached, the
+    history) is saved under :attr:`state_key`; a checkpoint that saved it under another key (written by
     lightning-cnet 0.2.0, or with another schedule) resumes with that state.
 
     Logged metrics (per epoch): ``refinement/level`` and ``refinement/refined`` (1 at refinement epochs);

@@ -345,8 +345,8 @@ def _describe_stage(stage: Any) -> str:
 def describe_resolution(module: nn.Module) -> str:
     """Per-stage resolution of the outermost submodules having a ``resolution``: a
     :class:`~lightning_cnet.resolution.StageResolution` or a sequence of them, such as
-    :attr:`lightning_cnet.models.ContinuousNet.resolution` (duck-typed: objects with ``n_steps``, ``n_basis``, ``scheme``
-    are described by those).
+    :attr:`lightning_cnet.models.ContinuousNet.resolution` (duck-typed: objects with ``n_steps``, ``n_basis`` and
+    ``scheme`` are described by those).
 
     Example:
         >>> from lightning_cnet.models import get_model

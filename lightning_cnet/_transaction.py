@@ -66,7 +66,7 @@ def _restore(
         registry.clear()
         registry.update(saved)
     for name, value in values.items():
-        tensor = parameters.get(name, buffers.get(name))
+        tensor = parameters[name] if name in parameters else buffers[name]
         if tensor.shape == value.shape:
             tensor.copy_(value)
         else:

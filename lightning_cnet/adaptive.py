@@ -233,7 +233,7 @@ def _error_ratio(x: torch.Tensor, proposal: torch.Tensor, slopes: list[torch.Ten
     for column, weight in tableau.error_terms:
         error.add_(slopes[column], alpha=step * weight)
     scale = torch.maximum(x.abs(), proposal.abs()).mul_(rtol).add_(atol)
-    ratio = error.div_(scale).square_().mean().sqrt().item()
+    ratio = float(error.div_(scale).square_().mean().sqrt().item())
     return ratio if math.isfinite(ratio) else math.inf
 
 
@@ -245,7 +245,7 @@ def initial_step(evaluate: Evaluate, x: torch.Tensor, slope: torch.Tensor, t: fl
     scale = x.abs().mul(rtol).add(atol)
 
     def norm(value: torch.Tensor) -> float:
-        return value.div(scale).square().mean().sqrt().item()
+        return float(value.div(scale).square().mean().sqrt().item())
 
     size, rate = norm(x), norm(slope) * depth
     guess = 0.01 * size / rate if size > 1e-5 and rate > 1e-5 else 1e-6
@@ -266,7 +266,7 @@ def _step_factor(ratio: float, accepted: bool, tableau: ButcherTableau) -> float
     if not math.isfinite(ratio):
         return SHRINK_LIMIT
     assert tableau.embedded_order is not None
-    factor = SAFETY * ratio ** (-1.0 / (tableau.embedded_order + 1))
+    factor = SAFETY * math.pow(ratio, -1.0 / (tableau.embedded_order + 1))
     return min(GROW_LIMIT, max(1.0, factor)) if accepted else min(1.0, max(SHRINK_LIMIT, factor))
 
 

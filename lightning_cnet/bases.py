@@ -315,7 +315,8 @@ def _gram(basis: Basis, n_rows: int, n_cols: int) -> torch.Tensor:
 def _transfer_matrix(basis: Basis, n_from: int, n_to: int) -> torch.Tensor:
     if n_from == n_to:
         return torch.eye(n_to, dtype=torch.float64)
-    return torch.linalg.solve(_gram(basis, n_to, n_to), _gram(basis, n_to, n_from))
+    transfer: torch.Tensor = torch.linalg.solve(_gram(basis, n_to, n_to), _gram(basis, n_to, n_from))
+    return transfer
 
 
 # Built-in families defined in modules of their own register themselves there; importing them here makes them known

@@ -135,7 +135,7 @@ def make_tableau(
             )
     if abs(sum(float(value) for value in b) - 1.0) > _TOLERANCE:
         raise ValueError(f"scheme {name!r}: the weights b must sum to 1, got {sum(float(v) for v in b)!r}")
-    row_sums = [sum(Fraction(value).limit_denominator(10**9) for value in row) for row in a]
+    row_sums = [sum((Fraction(value).limit_denominator(10**9) for value in row), Fraction(0)) for row in a]
     if c is None:
         nodes = row_sums
     else:

@@ -521,8 +521,8 @@ class ContinuousNet(nn.Module):
 
     def refine(self, *, noise_std: float = 0.0, generator: torch.Generator | None = None,
                step_factor: int = 2) -> ResolutionChange:
-        """Refine every stage in place: ``K -> 2K`` (``2K - 1`` for linear; the basis decides), ``N -> step_factor * N``,
-        ``T`` fixed.
+        """Refine every stage in place: ``K -> 2K`` (``2K - 1`` for linear; the basis decides),
+        ``N -> step_factor * N``, ``T`` fixed.
 
         Args:
             noise_std: multiply the refined convolution coefficients by ``1 + noise_std * N(0, 1)``.

@@ -259,8 +259,8 @@ class ODEBlock(nn.Module):
 
     def refine(self, *, noise_std: float = 0.0, generator: torch.Generator | None = None,
                step_factor: int = 2) -> BlockChange:
-        """Refine the time resolution in place: ``K -> K'`` (the basis' :meth:`~lightning_cnet.bases.Basis.refined_size`:
-        ``2K``, ``2K - 1`` for linear), ``N -> step_factor * N``.
+        """Refine the time resolution in place: ``K -> K'`` (the basis'
+        :meth:`~lightning_cnet.bases.Basis.refined_size`: ``2K``, ``2K - 1`` for linear), ``N -> step_factor * N``.
 
         ``theta(t)`` is unchanged as a function and ``T`` is kept, so the output changes only through the finer
         step, unless ``noise_std > 0`` multiplies the pieces of the unit's convolutions and linear maps by
@@ -343,7 +343,8 @@ class ODEBlock(nn.Module):
         Raises:
             ValueError: ``n_basis`` cannot be reached by refining the current basis.
         """
-        reachable, current = [], self.n_basis
+        reachable: list[int] = []
+        current = self.n_basis
         while current <= n_basis:
             if current == n_basis:
                 return len(reachable)
@@ -422,9 +423,10 @@ class ODEBlock(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _rate(self, nodes: NodeWeights, x: torch.Tensor) -> torch.Tensor:
-        return self.unit(x, nodes, None if self.gate is None else self.gate(nodes))
+        rate: torch.Tensor = self.unit(x, nodes, None if self.gate is None else self.gate(nodes))
+        return rate
 
-    def _recomputation_context(self) -> tuple[nullcontext, _FrozenStatistics]:
+    def _recomputation_context(self) -> tuple[nullcontext[None], _FrozenStatistics]:
         return nullcontext(), _FrozenStatistics(self)
 
     def _segment(self, x: torch.Tensor, segment: Any) -> torch.Tensor:

@@ -122,7 +122,9 @@ class StageResolution:
 
     def describe(self) -> str:
         """One phrase, e.g. ``'n_steps=2 n_basis=2 rk4'`` or ``'n_steps=2 n_basis=2 dopri5 rtol=0.001 atol=1e-06'``."""
-        tolerances = f" rtol={self.rtol:g} atol={self.atol:g}" if self.rtol is not None and self.atol is not None else ""
+        tolerances = ""
+        if self.rtol is not None and self.atol is not None:
+            tolerances = f" rtol={self.rtol:g} atol={self.atol:g}"
         return f"n_steps={self.n_steps} n_basis={self.n_basis} {self.scheme}{tolerances}"
 
     def __repr__(self) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
-import numpy as np
 import pytest
 import torch
 
@@ -134,7 +133,8 @@ def _theta_ode(basis_name: str, coeffs: torch.Tensor, depth: float):
 
 @pytest.mark.parametrize(("basis_name", "n_basis"), [("piecewise_constant", 4), ("piecewise_linear", 5),
                                                       ("legendre", 4)])
-def test_theta_of_every_basis_is_integrated_to_the_tolerance_through_the_protocol(basis_name: str, n_basis: int) -> None:
+def test_theta_of_every_basis_is_integrated_to_the_tolerance_through_the_protocol(basis_name: str,
+                                                                                   n_basis: int) -> None:
     coeffs = torch.tensor([0.5, -1.5, 2.0, 1.0, -0.5][:n_basis], dtype=torch.float64)
     rate, exact = _theta_ode(basis_name, coeffs, depth=1.5)
     basis = get_basis(basis_name)

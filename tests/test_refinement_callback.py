@@ -407,7 +407,8 @@ def test_the_level_is_the_callback_s_own_state_whatever_the_steps(tmp_path):
     saver = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     fit(task, [callback, saver], max_epochs=3, enable_checkpointing=True)
     assert n_steps(task) == [1, 1, 1] and [r.n_basis for r in task.model.resolution] == [4, 4, 4]
-    assert callback.level == 2 and callback.state_key == "DepthRefinementCallback{'refine_at': [1, 2], 'step_factor': 1}"
+    assert callback.level == 2
+    assert callback.state_key == "DepthRefinementCallback{'refine_at': [1, 2], 'step_factor': 1}"
     resumed_task, resumed = make_task(), DepthRefinementCallback([1, 2], step_factor=1, evaluate=False)
     trainer = pl.Trainer(**trainer_options(callbacks=[resumed], max_epochs=3))
     trainer.fit(resumed_task, datamodule=TinyDigits(), ckpt_path=tmp_path / "epoch=1.ckpt")

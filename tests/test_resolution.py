@@ -49,8 +49,8 @@ def test_it_is_immutable_compares_by_value_and_keeps_an_unregistered_tableau() -
     assert resolution.replace(n_steps=8).tableau is ralston and resolution.replace(n_steps=8).n_steps == 8
     assert resolution == StageResolution(2, 4, ralston, get_basis("piecewise_linear"), 1.5)
     assert hash(resolution) == hash(StageResolution(2, 4, ralston, "piecewise_linear", 1.5))
-    assert repr(resolution) == ("StageResolution(n_basis=2, n_steps=4, scheme='ralston_here', basis='piecewise_linear', "
-                                "T=1.5)")
+    assert repr(resolution) == ("StageResolution(n_basis=2, n_steps=4, scheme='ralston_here', "
+                                "basis='piecewise_linear', T=1.5)")
     with pytest.raises(ValueError, match="depth: not a field of StageResolution"):
         resolution.replace(depth=2.0)
 

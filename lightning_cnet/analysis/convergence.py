@@ -152,7 +152,8 @@ def convergence_study(
 
     def rows(scheme: str, steps: int | None, logits: list[torch.Tensor], outputs: list[list[torch.Tensor]],
              integrator: AdaptiveRK | None = None) -> list[dict[str, Any]]:
-        extra = {} if not integrators else {"rtol": integrator and integrator.rtol, "atol": integrator and integrator.atol,
+        extra = {} if not integrators else {"rtol": integrator and integrator.rtol,
+                                            "atol": integrator and integrator.atol,
                                             "function_evaluations": work.function_evaluations}
         found = [{"scheme": scheme, "n_steps": steps, "aligned": steps is None or all(steps % k == 0 for k in pieces),
                   "output": "logits", **extra, "error": _relative_error(logits, reference_logits)}]

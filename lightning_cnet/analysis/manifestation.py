@@ -95,8 +95,8 @@ def check_sweep_arguments(schemes: Sequence[str], n_steps: Sequence[int],
         validate_n_steps(steps)
     for integrator in integrators:
         if not isinstance(integrator, AdaptiveRK):
-            raise ValueError(f"integrators: {integrator!r} is not valid: expected AdaptiveRK instances (fixed steps are "
-                             "swept by schemes and n_steps)")
+            raise ValueError(f"integrators: {integrator!r} is not valid: expected AdaptiveRK instances (fixed steps "
+                             "are swept by schemes and n_steps)")
 
 
 def relative_distance(values: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:
