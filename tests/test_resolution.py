@@ -168,9 +168,8 @@ def test_the_built_in_bases_declare_their_contract() -> None:
 
 def test_a_stage_of_a_new_basis_runs_refines_and_refuses_batchnorm() -> None:
     with pytest.raises(ValueError, match="basis='monomials' is not valid for TimeBatchNorm2d"):
-        ODEBlock(4, basis=Monomials(), n_basis=2)  # type: ignore[arg-type]
-    stage = ODEBlock(3, unit="mlp", basis=Monomials(), n_basis=2, n_steps=4, T=1.0,  # type: ignore[arg-type]
-                     skip_init=False).double()
+        ODEBlock(4, basis=Monomials(), n_basis=2)
+    stage = ODEBlock(3, unit="mlp", basis=Monomials(), n_basis=2, n_steps=4, T=1.0, skip_init=False).double()
     x = torch.randn(5, 3, dtype=torch.float64)
     before = stage(x).detach()
     stage.refine(step_factor=1)
