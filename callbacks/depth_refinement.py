@@ -8,7 +8,7 @@ What a refinement does, at the start of a scheduled epoch and on every rank at t
 
 1. (optional) measure the module's own validation metric (:class:`~lightning_cnet.callbacks.quick_eval.ValidationMetric`);
 2. refine every :class:`~lightning_cnet.models.ContinuousNet` inside the LightningModule in place
-   (``K -> 2K``, ``N -> 2N``, ``T`` fixed), with optional seeded multiplicative weight noise;
+   (``K -> 2K``, ``N -> step_factor * N``, ``T`` fixed), with optional seeded multiplicative weight noise;
 3. refine the averaged copies kept by weight-averaging callbacks (EMA, SWA), without noise;
 4. re-wrap the model in ``DistributedDataParallel`` under DDP, so the new parameters are all-reduced
    (the wrapper's constructor also broadcasts rank 0's weights, so the noise is identical on all ranks);
@@ -16,10 +16,10 @@ What a refinement does, at the start of a scheduled epoch and on every rank at t
    the LR scheduler, the gradient scaler and LightningCLI's parse-time optimizer keep working unchanged;
 6. (optional) measure that metric again, then log one rank-zero line and the metrics ``refinement/*``.
 
-Whether to refine is decided by comparing the model's current level (read from its ``n_steps``) with the
-level the schedule asks for at the current epoch, at the start of every epoch and at its first batch (Lightning
-skips the epoch-start hook after a restart from a checkpoint written on an epoch's last batch), so resuming from
-an end-of-epoch or mid-epoch checkpoint never refines twice or skips one.
+Whether to refine is decided by comparing the level the callback has reached (its own state, saved in every
+checkpoint with the model it refined) with the level the schedule asks for at the current epoch, at the start of
+every epoch and at its first batch (Lightning skips the epoch-start hook after a restart from a checkpoint written
+on an epoch's last batch), so resuming from an end-of-epoch or mid-epoch checkpoint never refines twice or skips one.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from lightning_cnet.callbacks.optimizer_surgery import (
     replace_parameters,
     stale_parameters,
 )
+from lightning_cnet._validation import check_integer
 from lightning_cnet.cost import training_batch_shape
 from lightning_cnet.layers import ParameterChange
 from lightning_cnet.ode_block import check_noise_std
@@ -87,12 +88,11 @@ def _n_steps(net: nn.Module) -> tuple[int, ...]:
     return tuple(stage.n_steps for stage in net.stage_resolutions)
 
 
-def _doublings(base: int, steps: int) -> int | None:
-    """``m`` with ``steps == base * 2**m``, or ``None``."""
-    level = 0
-    while base * 2**level < steps:
-        level += 1
-    return level if base * 2**level == steps else None
+def _level_in(state: dict[str, Any]) -> int:
+    """The level a saved state reached (a state of lightning-cnet 0.2.0 has no ``level``: its last refinement's)."""
+    if "level" in state:
+        return int(state["level"])
+    return max((int(entry.get("level", 0)) for entry in state.get("history", [])), default=0)
 
 
 def _averaged_copies(trainer: Any) -> Iterator[nn.Module]:
@@ -123,9 +123,9 @@ class DepthRefinementMixin:
 
     Every :class:`~lightning_cnet.models.ContinuousNet` (or stand-alone :class:`~lightning_cnet.ode_block.ODEBlock`)
     inside the LightningModule (found by duck typing: ``refine()`` and ``stage_resolutions``) goes from ``K`` to
-    ``2K`` weight pieces and from
-    ``N`` to ``2N`` steps at the start of each scheduled epoch; the optimizer keeps training exactly the
-    model's parameters, the LR schedule continues, DDP is re-wrapped, EMA/SWA copies are refined too.
+    ``2K`` weight pieces (its basis decides) and from ``N`` to ``step_factor * N`` steps at the start of each scheduled
+    epoch; the optimizer keeps training exactly the model's parameters, the LR schedule continues, DDP is re-wrapped,
+    EMA/SWA copies are refined too.
 
     Optimizer state: the paper's code rebuilt the optimizer after each refinement, i.e. it **reset** the
     momenta and kept the current learning rate (``optimizer_state="reset"`` reproduces it). The default is
@@ -144,6 +144,8 @@ class DepthRefinementMixin:
             refinement happens at the start of the epoch.
         max_refinements: refine at most this many times (a ``PlateauSchedule`` takes its own).
         max_n_steps: never refine a model past this many steps per stage.
+        step_factor: each refinement multiplies the step counts by this (``1``: refine the weights only, e.g. raise
+            the degree of a Legendre basis at the same steps).
         optimizer_state: ``"interpolate"`` (default) or ``"reset"`` the state of refined parameters.
         noise_std: multiply the refined convolution weights by ``1 + noise_std * N(0, 1)`` (the paper:
             ``0.1``); drawn from a generator seeded by ``seed`` and the refinement level.
@@ -179,9 +181,9 @@ class DepthRefinementMixin:
             beyond the bounds of :mod:`lightning_cnet.cost` or, with its training activations at the data module's
             batch (``batch_size``, ``in_chans``, ``image_size``), does not fit in the device's memory.
 
-    One per Trainer: every refinement callback refines every ContinuousNet and ODEBlock of the LightningModule and
-    reads its level from their step counts, so a second one is refused at ``setup`` (give one callback the combined
-    schedule). Its state is saved under :attr:`state_key`; a checkpoint that saved it under another key (written by
+    One per Trainer: every refinement callback refines every ContinuousNet and ODEBlock of the LightningModule, so a
+    second one is refused at ``setup`` (give one callback the combined schedule). Its state (the level reached, the
+    history) is saved under :attr:`state_key`; a checkpoint that saved it under another key (written by
     lightning-cnet 0.2.0, or with another schedule) resumes with that state.
 
     Logged metrics (per epoch): ``refinement/level`` and ``refinement/refined`` (1 at refinement epochs);
@@ -205,14 +207,22 @@ class DepthRefinementMixin:
     @property
     def state_key(self) -> str:
         """Where Lightning stores this callback's state: the class name and the schedule, e.g.
-        ``"DepthRefinementCallback{'refine_at': [2, 4]}"`` (``max_refinements``/``max_n_steps`` too when set)."""
-        return settings_state_key(self, self._key_settings, {"max_refinements": None, "max_n_steps": None})
+        ``"DepthRefinementCallback{'refine_at': [2, 4]}"`` (``max_refinements``/``max_n_steps``/``step_factor`` too when
+        not the default)."""
+        return settings_state_key(self, self._key_settings,
+                                  {"max_refinements": None, "max_n_steps": None, "step_factor": 2})
 
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         """Take the state saved under another key of this class: by lightning-cnet 0.2.0
-        (``"DepthRefinementCallback"``), or with another schedule before a resume (there is one refinement callback)."""
+        (``"DepthRefinementCallback"``), or with another schedule before a resume (there is one refinement callback).
+
+        A checkpoint written without a refinement callback (the model loaded already, Lightning calls this after)
+        gives the level as the refinements of the basis from the model as built to the model as loaded."""
         if (key := adopt_saved_state(self, trainer.callbacks, DepthRefinementMixin, checkpoint)) is not None:
             self.lightning.rank_zero_info(f"{type(self).__name__}: restored the state saved under {key!r}")
+        elif not any(isinstance(key, str) and key.split("{", 1)[0] == type(self).__qualname__
+                     for key in checkpoint.get("callbacks") or {}):
+            self.level = self._level_of(refinable_modules(pl_module))
 
     def __init__(
         self,
@@ -220,6 +230,7 @@ class DepthRefinementMixin:
         *,
         max_refinements: int | None = None,
         max_n_steps: int | None = None,
+        step_factor: int = 2,
         optimizer_state: OptimizerState = "interpolate",
         noise_std: float = 0.0,
         seed: int = 0,
@@ -239,10 +250,11 @@ class DepthRefinementMixin:
         else:
             self.schedule = RefinementSchedule(refine_at, max_refinements=max_refinements)
         self._key_settings = {"refine_at": stable_description(refine_at), "max_refinements": max_refinements,
-                              "max_n_steps": max_n_steps}
+                              "max_n_steps": max_n_steps, "step_factor": step_factor}
         if max_n_steps is not None and (isinstance(max_n_steps, bool) or not isinstance(max_n_steps, int)
                                         or max_n_steps < 1):
             raise ValueError(f"max_n_steps={max_n_steps!r} must be None or an integer >= 1")
+        check_integer("step_factor", step_factor)
         if optimizer_state not in ("interpolate", "reset"):
             raise ValueError(f"optimizer_state={optimizer_state!r} is not known: expected 'interpolate' or 'reset'")
         check_noise_std(noise_std)
@@ -253,6 +265,7 @@ class DepthRefinementMixin:
                 recalibration_batches < 1):
             raise ValueError(f"recalibration_batches={recalibration_batches!r} must be an integer >= 1")
         self.max_n_steps = max_n_steps
+        self.step_factor = step_factor
         self.optimizer_state = optimizer_state
         self.noise_std = float(noise_std)
         self.seed = int(seed)
@@ -264,6 +277,8 @@ class DepthRefinementMixin:
         self.recalibration_batches = recalibration_batches
         self.verbose = verbose
         self.base_n_steps: list[tuple[int, ...]] | None = None
+        self._built: list[tuple[Any, ...]] = []
+        self.level = 0
         self.history: list[dict[str, Any]] = []
         self._said_unmeasured = False
 
@@ -315,6 +330,7 @@ class DepthRefinementMixin:
             self.schedule.check_trainer(trainer, self.lightning.MisconfigurationException)
         if self.base_n_steps is None:
             self.base_n_steps = [_n_steps(net) for net in nets]
+            self._built = [tuple(net.stage_resolutions) for net in nets]
         if len(self.base_n_steps) != len(nets):
             raise self.lightning.MisconfigurationException(
                 f"{type(self).__name__} recorded {len(self.base_n_steps)} refinable models but "
@@ -337,7 +353,8 @@ class DepthRefinementMixin:
             check = getattr(net, "check_refine", None)
             if refinements and callable(check):
                 try:
-                    check(refinements, training=True, batch_shape=shape, device=trainer.strategy.root_device)
+                    check(refinements, training=True, batch_shape=shape, device=trainer.strategy.root_device,
+                          step_factor=self.step_factor)
                 except TypeError:  # a refinable module whose check takes the count only
                     check(refinements)
 
@@ -369,30 +386,32 @@ class DepthRefinementMixin:
             self.schedule.update(trainer)
 
     def _catch_up(self, trainer: Any, pl_module: Any) -> tuple[int, bool]:
-        """Refine until the model's level is the one the schedule asks for at the current epoch; return the level
-        and whether a refinement happened. Deciding from the model's level (not from hooks seen) never refines twice
-        or skips one, whatever checkpoint training resumed from."""
+        """Refine until the level is the one the schedule asks for at the current epoch; return the level and whether
+        a refinement happened. Deciding from the level reached (saved in checkpoints with the model it describes), not
+        from hooks seen, never refines twice or skips one, whatever checkpoint training resumed from."""
         nets = refinable_modules(pl_module)
         epoch = trainer.current_epoch
-        level = self.current_level(nets)
         target = self.schedule.target_level(epoch, cap=self._cap_level())
-        refined = level < target
-        while level < target:
-            self._refine_once(trainer, pl_module, nets, epoch, level)
-            level += 1
-        return level, refined
+        refined = self.level < target
+        while self.level < target:
+            self._refine_once(trainer, pl_module, nets, epoch, self.level)
+            self.level += 1
+        return self.level, refined
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """The refinement history, the resolution training started from, and a plateau schedule's decisions."""
-        state = {"history": [dict(entry) for entry in self.history],
+        """The level reached, the refinement history, the resolution training started from, and a plateau schedule's
+        decisions."""
+        state = {"level": self.level, "history": [dict(entry) for entry in self.history],
                  "base_n_steps": None if self.base_n_steps is None else [list(n) for n in self.base_n_steps]}
         if isinstance(self.schedule, PlateauSchedule):
             state["schedule"] = self.schedule.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved."""
+        """Restore what :meth:`state_dict` saved (a state of lightning-cnet 0.2.0, without ``level``, gives the level of
+        its last refinement)."""
+        self.level = _level_in(state_dict)
         self.history = [dict(entry) for entry in state_dict.get("history", [])]
         base = state_dict.get("base_n_steps")
         self.base_n_steps = None if base is None else [tuple(n) for n in base]
@@ -400,31 +419,29 @@ class DepthRefinementMixin:
             self.schedule.load_state_dict(state_dict["schedule"])
 
     # ------------------------------------------------------------------ levels
-    def current_level(self, nets: list[nn.Module]) -> int:
-        """Refinements the models have received since :attr:`base_n_steps`, read from their ``n_steps``.
-
-        Raises:
-            RuntimeError: the step counts are not the base counts times one common power of two.
-        """
-        assert self.base_n_steps is not None, "setup() records the base resolution"
-        levels = {
-            _doublings(base_steps, steps)
-            for net, base in zip(nets, self.base_n_steps)
-            for steps, base_steps in zip(_n_steps(net), base)
-        }
-        if len(levels) != 1 or None in levels:
-            raise RuntimeError(
-                f"the model's n_steps {[_n_steps(net) for net in nets]} are not the base n_steps {self.base_n_steps} "
-                "doubled a common number of times; was the manifestation changed during fit?"
-            )
-        return levels.pop()
+    def _level_of(self, nets: list[nn.Module]) -> int:
+        """Refinements of every stage's basis from its resolution as built (at ``setup``) to its resolution now, if
+        all stages agree (0 otherwise, or for stages that do not say their basis)."""
+        levels = set()
+        for net, built in zip(nets, self._built):
+            for before, now in zip(built, net.stage_resolutions):
+                basis, pieces, level = getattr(now, "basis_family", None), getattr(before, "n_basis", None), 0
+                if basis is None or pieces is None:
+                    return 0
+                while pieces < now.n_basis:
+                    pieces, level = basis.refined_size(pieces), level + 1
+                levels.add(level if pieces == now.n_basis else -1)
+        return levels.pop() if len(levels) == 1 and -1 not in levels else 0
 
     def _cap_level(self) -> float:
-        if self.max_n_steps is None:
+        """The highest level at which no stage has more than ``max_n_steps`` steps."""
+        if self.max_n_steps is None or self.step_factor == 1:
             return math.inf
         assert self.base_n_steps is not None
-        largest = max(max(base) for base in self.base_n_steps)
-        return max(0, math.floor(math.log2(self.max_n_steps / largest))) if self.max_n_steps >= largest else 0
+        largest, level = max(max(base) for base in self.base_n_steps), 0
+        while largest * self.step_factor ** (level + 1) <= self.max_n_steps:
+            level += 1
+        return level
 
     # ------------------------------------------------------------------ refinement
     def _generator(self, level: int) -> torch.Generator:
@@ -438,11 +455,11 @@ class DepthRefinementMixin:
         start = time.perf_counter()
 
         generator = self._generator(level)
-        changes = [change for net in nets
-                   for change in net.refine(noise_std=self.noise_std, generator=generator).parameter_changes]
+        changes = [change for net in nets for change in net.refine(
+            noise_std=self.noise_std, generator=generator, step_factor=self.step_factor).parameter_changes]
         for average in _averaged_copies(trainer):
             for net in refinable_modules(average):
-                net.refine()
+                net.refine(step_factor=self.step_factor)
         self._rewrap_ddp(trainer)
         for optimizer in trainer.optimizers:
             replace_parameters(optimizer, changes, optimizer_state=self.optimizer_state)

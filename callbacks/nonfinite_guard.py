@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lightning_cnet.callbacks._instances import adopt_saved_state, others_of_kind, settings_state_key
+from lightning_cnet.resolution import StageResolution
 
 if TYPE_CHECKING:
     from lightning_cnet._namespace import Namespace
@@ -333,9 +334,19 @@ def _stage_resolutions(value: Any) -> list[Any] | None:
     return None
 
 
+def _describe_stage(stage: Any) -> str:
+    """A stage's own description (:meth:`StageResolution.describe <lightning_cnet.resolution.StageResolution.describe>`,
+    tolerances of adaptive steps included), or its ``n_steps``/``n_basis``/``scheme`` for a look-alike."""
+    if isinstance(stage, StageResolution):
+        return stage.describe()
+    return f"n_steps={stage.n_steps} n_basis={stage.n_basis} {stage.scheme}"
+
+
 def describe_resolution(module: nn.Module) -> str:
-    """Per-stage ``n_steps``/``n_basis``/``scheme`` of the outermost submodules having a ``resolution``
-    (duck-typed: StageResolution-like objects, such as :attr:`lightning_cnet.models.ContinuousNet.resolution`).
+    """Per-stage resolution of the outermost submodules having a ``resolution``: a
+    :class:`~lightning_cnet.resolution.StageResolution` or a sequence of them, such as
+    :attr:`lightning_cnet.models.ContinuousNet.resolution` (duck-typed: objects with ``n_steps``, ``n_basis`` and
+    ``scheme`` are described by those).
 
     Example:
         >>> from lightning_cnet.models import get_model
@@ -351,7 +362,7 @@ def describe_resolution(module: nn.Module) -> str:
         if stages is None:
             continue
         inside.update(id(m) for m in child.modules())
-        described = ", ".join(f"n_steps={s.n_steps} n_basis={s.n_basis} {s.scheme}" for s in stages)
+        described = ", ".join(_describe_stage(stage) for stage in stages)
         parts.append(f"{name or type(child).__name__}: [{described}]")
     return "; ".join(parts) if parts else "unknown (no submodule has a resolution)"
 

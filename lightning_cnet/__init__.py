@@ -11,8 +11,8 @@ imported only by whoever imports it.
 
 Example:
     >>> import lightning_cnet
-    >>> lightning_cnet.list_schemes()[:2]
-    ['euler', 'heun']
+    >>> lightning_cnet.list_schemes()[:3]
+    ['bosh3', 'dopri5', 'euler']
 """
 
 from __future__ import annotations
@@ -26,16 +26,21 @@ from typing import Any
 
 #: Public name -> the module that defines it (imported on first access).
 _EXPORTS = {
+    "AdaptiveRK": "adaptive",
+    "odeint_adaptive": "adaptive",
     "Basis": "bases",
     "get_basis": "bases",
     "list_bases": "bases",
     "register_basis": "bases",
     "ButcherTableau": "integrators",
+    "FixedStepRK": "integrators",
+    "Integrator": "integrators",
     "get_scheme": "integrators",
     "list_schemes": "integrators",
     "odeint_fixed": "integrators",
     "register_scheme": "integrators",
     "rk_step": "integrators",
+    "LegendreBasis": "legendre",
     "ContinuousNet": "models",
     "ResolutionChange": "models",
     "cnet_cifar": "models",
@@ -45,7 +50,7 @@ _EXPORTS = {
     "list_models": "models",
     "register_model": "models",
     "ODEBlock": "ode_block",
-    "StageResolution": "ode_block",
+    "StageResolution": "resolution",
     "recalibrate_bn": "recalibration",
     "BottleneckUnit": "units",
     "MLPUnit": "units",

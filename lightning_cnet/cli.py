@@ -64,6 +64,7 @@ from lightning_cnet.data import DatasetNotFoundError
 from lightning_cnet.latest_run import LatestRunLink
 from lightning_cnet.models import ContinuousNet
 from lightning_cnet.progress_bar import CompactRichProgressBar, CompactTQDMProgressBar
+from lightning_cnet.resolution import StageResolution
 
 PROG = "lightning-cnet"
 DEFAULT_MODEL = "lightning_cnet.module.ContinuousNetClassifier"
@@ -610,6 +611,10 @@ def _model_options_in_yaml(path: str, names: Sequence[str]) -> dict[str, Any]:
 def read_checkpoint(path: str) -> dict[str, Any]:
     """The hyperparameters and the per-stage resolution stored in a checkpoint file.
 
+    Returns:
+        ``{"path", "hyper_parameters", "stages"}``, the stages as :class:`~lightning_cnet.resolution.StageResolution`
+        (those read before the first that does not decode: loading the file names what is wrong with it).
+
     Raises:
         UsageError: a missing, unreadable, truncated or non-Lightning file, named with its problem.
     """
@@ -627,13 +632,15 @@ def read_checkpoint(path: str) -> dict[str, Any]:
         raise UsageError(f"{path}: not a Lightning checkpoint (it has no state_dict)")
     state = checkpoint["state_dict"]
     first = next((match for match in map(_STAGE_KEY.fullmatch, state) if match is not None), None)
-    stages = []
-    index = 0
-    while first is not None and f"{first.group(1)}stages.{index}.resolution.n_steps" in state:
-        prefix = f"{first.group(1)}stages.{index}.resolution."
-        stages.append({"scheme": bytes(state[prefix + "scheme"].tolist()).decode("utf-8", "replace"),
-                       "n_steps": int(state[prefix + "n_steps"].item())})
-        index += 1
+    stages: list[StageResolution] = []
+    while first is not None:
+        try:
+            resolution = StageResolution.from_state_dict(state, f"{first.group(1)}stages.{len(stages)}.")
+        except ValueError:
+            break  # the load reports it, with the model's context
+        if resolution is None:
+            break
+        stages.append(resolution)
     return {"path": path, "hyper_parameters": checkpoint.get("hyper_parameters") or {}, "stages": stages}
 
 
@@ -660,12 +667,12 @@ def requested_manifestation(
                          "use the config the checkpoint was trained with")
     stages = stored["stages"]
     request = {}
-    if "scheme" in explicit and any(stage["scheme"] != explicit["scheme"] for stage in stages):
+    if "scheme" in explicit and any(stage.scheme != explicit["scheme"] for stage in stages):
         request["scheme"] = explicit["scheme"]
-    if "n_steps" in command_line and any(stage["n_steps"] != command_line["n_steps"] for stage in stages):
+    if "n_steps" in command_line and any(stage.n_steps != command_line["n_steps"] for stage in stages):
         request["n_steps"] = command_line["n_steps"]
     if request and subcommand == "fit":
-        trained = ", ".join(f"{stage['scheme']} {stage['n_steps']}" for stage in stages)
+        trained = ", ".join(f"{stage.scheme} {stage.n_steps}" for stage in stages)
         asked = ", ".join(f"{key}={value}" for key, value in request.items())
         raise UsageError(f"resuming fit cannot change the manifestation to {asked}: the checkpoint was trained with "
                          f"(scheme, steps per stage) {trained}; remove those options, or evaluate with them "

@@ -251,6 +251,7 @@ def estimate_cost(
     refinements: int = 0,
     batch_shape: Sequence[int] | None = None,
     training: bool = False,
+    step_factor: int = 2,
 ) -> Cost:
     """The cost of ``model`` (a ContinuousNet, an ODE stage, or any module holding ODE stages) at a resolution.
 
@@ -258,9 +259,10 @@ def estimate_cost(
         model: the model as it is now.
         n_steps: steps per stage instead of the current ones (one value or one per stage).
         scheme: a scheme instead of the current one.
-        refinements: estimate after this many refinements (``K -> 2K`` or ``2K - 1``, ``N -> 2N``).
+        refinements: estimate after this many refinements (``K -> 2K`` or ``2K - 1``, ``N -> step_factor * N``).
         batch_shape: the input batch ``[B, C, H, W]``; with ``training``, the activations are measured.
         training: count gradients, optimizer state and activations.
+        step_factor: what each refinement multiplies the step count by.
     """
     from lightning_cnet.integrators import get_scheme
 
@@ -272,7 +274,7 @@ def estimate_cost(
         k, n = block.n_basis, block.n_steps if n is None else n
         for _ in range(refinements):
             k = block.basis.refined_size(k)
-        stages.append(StageCost(k, n * 2**refinements, tableau.n_stages, _piece_bytes(block)))
+        stages.append(StageCost(k, n * step_factor**refinements, tableau.n_stages, _piece_bytes(block)))
     stage_bytes = sum(_tensor_bytes([*block.parameters(), *block.buffers()]) for block in blocks)
     other = max(_tensor_bytes([*model.parameters(), *model.buffers()]) - stage_bytes, 0)
     activations = 0
@@ -304,7 +306,7 @@ def activation_bytes(model: nn.Module, batch_shape: Sequence[int], *, n_steps: i
     own = {id(tensor) for tensor in [*model.parameters(), *model.buffers()]}
     was_training = model.training
     blocks = _ode_blocks(model)
-    manifestations = [(block.tableau, block.n_steps) for block in blocks]
+    manifestations = [block.resolution.integrator for block in blocks]
 
     def saved(samples: int, steps: int) -> int:
         storages: dict[int, int] = {}  # a tensor saved by two operations (ReLU's output, the next conv's input) once
@@ -328,8 +330,8 @@ def activation_bytes(model: nn.Module, batch_shape: Sequence[int], *, n_steps: i
         a, b, c, d = (saved(samples, steps) for samples, steps in ((1, 1), (1, 2), (2, 1), (2, 2)))
     finally:
         model.train(was_training)
-        for block, (tableau, steps) in zip(blocks, manifestations):
-            block.set_manifestation(scheme=tableau, n_steps=steps)
+        for block, integrator in zip(blocks, manifestations):
+            block.set_manifestation(integrator=integrator)
     per_step_per_sample = (d - c) - (b - a)
     per_step = (b - a) - per_step_per_sample
     per_sample = (c - a) - per_step_per_sample

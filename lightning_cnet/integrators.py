@@ -1,11 +1,17 @@
-"""Explicit Runge-Kutta schemes from Butcher tableaux, and a lean fixed-step integrator.
+"""Explicit Runge-Kutta schemes from Butcher tableaux, the integrator seam of ODE stages, and fixed-step integration.
 
 One generic step drives every scheme. Time is a Python number: no tensor time, no host syncs, and loops
 are static, so ``torch.fx`` tracing and ``torch.compile`` see a plain unrolled graph.
 
 Built-in schemes: ``euler`` (order 1), ``midpoint`` and ``heun`` (2), ``rk3`` (Kutta's third-order
 method, 3), ``rk4`` (the *classic* 1/6-1/3-1/3-1/6 scheme, 4) and ``rk4_38`` (Kutta's 3/8 rule, 4; this
-is what torchdiffeq calls ``rk4``). :func:`register_scheme` adds a user tableau.
+is what torchdiffeq calls ``rk4``); :mod:`lightning_cnet.adaptive` adds the embedded pairs ``bosh3`` and ``dopri5``.
+:func:`register_scheme` adds a user tableau, with an error row (``b_embedded``) if it is an embedded pair.
+
+An ODE stage integrates through the :class:`Integrator` protocol: a plan computed once per resolution (which
+coefficients of ``theta(t)`` every evaluation reads), then ``integrate(rate, x, depth, plan)``.
+:class:`FixedStepRK` (``n_steps`` equal steps, the integrator of training) is one implementation,
+:class:`~lightning_cnet.adaptive.AdaptiveRK` (step sizes chosen by an embedded error estimate) another.
 
 Example:
     >>> import math, torch
@@ -21,14 +27,24 @@ import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import TypeVar
+from typing import ClassVar, Protocol, TypeVar
 
 import torch
 
+from lightning_cnet._validation import check_integer
+from lightning_cnet.bases import Basis, NodeWeights
 from lightning_cnet.registry import Registry
 
 Number = int | float | Fraction
 StageArgument = TypeVar("StageArgument")
+PlanT = TypeVar("PlanT")
+
+Rate = Callable[[NodeWeights, torch.Tensor], torch.Tensor]
+"""The right-hand side of an ODE stage without its depth factor: ``rate(node_weights, x)``, ``theta(t)`` given by the
+node weights of the time of the evaluation."""
+
+RKStagePlan = tuple[tuple[NodeWeights, ...], ...]
+"""Per integration step, the node weights read by each Runge-Kutta stage."""
 
 _TOLERANCE = 1e-12
 
@@ -44,6 +60,9 @@ class ButcherTableau:
         c: ``s`` stage nodes (fractions of the step), the row sums of ``a``; exact fractions so that the
             piece of a time-dependent weight a stage reads is computed exactly.
         order: order of accuracy, for documentation and tests.
+        error_weights: the error row of an embedded pair, ``b - b_embedded``: the local error estimate of a step
+            is ``h * sum_j error_weights[j] k_j``; ``None`` for a scheme without one.
+        embedded_order: order of the embedded (lower-order) solution.
     """
 
     name: str
@@ -51,8 +70,11 @@ class ButcherTableau:
     b: tuple[float, ...]
     c: tuple[Fraction, ...]
     order: int
+    error_weights: tuple[float, ...] | None = None
+    embedded_order: int | None = None
     stage_terms: tuple[tuple[tuple[int, float], ...], ...] = field(init=False, repr=False)
     final_terms: tuple[tuple[int, float], ...] = field(init=False, repr=False)
+    error_terms: tuple[tuple[int, float], ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         stage_terms = tuple(
@@ -60,13 +82,27 @@ class ButcherTableau:
             for stage, row in enumerate(self.a)
         )
         final_terms = tuple((col, value) for col, value in enumerate(self.b) if value != 0.0)
+        error_terms = tuple((col, value) for col, value in enumerate(self.error_weights or ()) if value != 0.0)
         object.__setattr__(self, "stage_terms", stage_terms)
         object.__setattr__(self, "final_terms", final_terms)
+        object.__setattr__(self, "error_terms", error_terms)
 
     @property
     def n_stages(self) -> int:
-        """Number of evaluations of the right-hand side per step."""
-        return len(self.b)
+        """Evaluations of the right-hand side per fixed step: the stages up to the last one with a non-zero weight
+        (a stage after it only serves an embedded error estimate)."""
+        return 1 + max(col for col, _ in self.final_terms)
+
+    @property
+    def has_error_estimate(self) -> bool:
+        """Whether the tableau is an embedded pair (it carries an error row)."""
+        return self.error_weights is not None
+
+    @property
+    def first_same_as_last(self) -> bool:
+        """The last stage is evaluated at the end of the step, at the new state (FSAL): it is the next step's
+        first evaluation."""
+        return self.c[-1] == 1 and self.a[-1] == self.b and len(self.b) > 1
 
 
 def make_tableau(
@@ -75,12 +111,16 @@ def make_tableau(
     b: Sequence[Number],
     c: Sequence[Number] | None = None,
     order: int = 1,
+    *,
+    b_embedded: Sequence[Number] | None = None,
+    embedded_order: int | None = None,
 ) -> ButcherTableau:
     """Validate and build a :class:`ButcherTableau`.
 
     Raises:
-        ValueError: ``a`` is not square or not strictly lower triangular, ``b`` does not have one weight
-            per stage or does not sum to one, or ``c`` is not the row sums of ``a``.
+        ValueError: ``a`` is not square or not strictly lower triangular, ``b`` (or ``b_embedded``) does not have
+            one weight per stage or does not sum to one, ``c`` is not the row sums of ``a``, or an embedded pair
+            lacks its order.
     """
     n_stages = len(b)
     if n_stages < 1:
@@ -95,7 +135,7 @@ def make_tableau(
             )
     if abs(sum(float(value) for value in b) - 1.0) > _TOLERANCE:
         raise ValueError(f"scheme {name!r}: the weights b must sum to 1, got {sum(float(v) for v in b)!r}")
-    row_sums = [sum(Fraction(value).limit_denominator(10**9) for value in row) for row in a]
+    row_sums = [sum((Fraction(value).limit_denominator(10**9) for value in row), Fraction(0)) for row in a]
     if c is None:
         nodes = row_sums
     else:
@@ -110,12 +150,28 @@ def make_tableau(
                 )
     if isinstance(order, bool) or not isinstance(order, int) or order < 1:
         raise ValueError(f"scheme {name!r}: order must be a positive integer, got {order!r}")
+    error_weights = None
+    if b_embedded is not None:
+        if len(b_embedded) != n_stages:
+            raise ValueError(f"scheme {name!r}: b_embedded must hold {n_stages} weights, got {len(b_embedded)}")
+        if abs(sum(float(value) for value in b_embedded) - 1.0) > _TOLERANCE:
+            raise ValueError(f"scheme {name!r}: the weights b_embedded must sum to 1, "
+                             f"got {sum(float(v) for v in b_embedded)!r}")
+        if isinstance(embedded_order, bool) or not isinstance(embedded_order, int) or not 1 <= embedded_order < order:
+            raise ValueError(f"scheme {name!r}: embedded_order={embedded_order!r} is not valid: expected an integer "
+                             f"in [1, {order - 1}] (the order of the embedded solution, below the scheme's)")
+        # exact differences where the weights are fractions, so that equal weights give an exact zero
+        error_weights = tuple(float(Fraction(high) - Fraction(low)) for high, low in zip(b, b_embedded))
+    elif embedded_order is not None:
+        raise ValueError(f"scheme {name!r}: embedded_order={embedded_order!r} needs b_embedded")
     return ButcherTableau(
         name=name,
         a=tuple(tuple(float(value) for value in row) for row in a),
         b=tuple(float(value) for value in b),
         c=tuple(nodes),
         order=order,
+        error_weights=error_weights,
+        embedded_order=embedded_order,
     )
 
 
@@ -131,6 +187,8 @@ def register_scheme(
     c: Sequence[Number] | None = None,
     *,
     order: int = 1,
+    b_embedded: Sequence[Number] | None = None,
+    embedded_order: int | None = None,
     overwrite: bool = False,
 ) -> ButcherTableau:
     """Register a user-defined explicit Runge-Kutta scheme under ``name``.
@@ -141,6 +199,9 @@ def register_scheme(
         b: final weights, summing to one.
         c: stage nodes; computed from ``a`` when omitted, checked against it when given.
         order: order of accuracy.
+        b_embedded: weights of an embedded solution of lower order, for adaptive steps
+            (:class:`~lightning_cnet.adaptive.AdaptiveRK`); its difference to ``b`` is the error row.
+        embedded_order: the order of that embedded solution.
         overwrite: replace an existing scheme of the same name.
 
     Example:
@@ -149,7 +210,7 @@ def register_scheme(
         (Fraction(0, 1), Fraction(2, 3))
     """
     SCHEMES.check_name(name, overwrite=overwrite)
-    tableau = make_tableau(name, a, b, c, order)
+    tableau = make_tableau(name, a, b, c, order, b_embedded=b_embedded, embedded_order=embedded_order)
     return SCHEMES.register(name, tableau, overwrite=overwrite)
 
 
@@ -192,10 +253,142 @@ register_scheme(
 )
 
 
+# Embedded pairs: a solution and an error estimate from the same stages (adaptive steps: lightning_cnet.adaptive).
+register_scheme(
+    "bosh3",
+    a=[[0, 0, 0, 0], [_F(1, 2), 0, 0, 0], [0, _F(3, 4), 0, 0], [_F(2, 9), _F(1, 3), _F(4, 9), 0]],
+    b=[_F(2, 9), _F(1, 3), _F(4, 9), 0],
+    b_embedded=[_F(7, 24), _F(1, 4), _F(1, 3), _F(1, 8)],
+    order=3,
+    embedded_order=2,
+)
+register_scheme(
+    "dopri5",
+    a=[
+        [0, 0, 0, 0, 0, 0, 0],
+        [_F(1, 5), 0, 0, 0, 0, 0, 0],
+        [_F(3, 40), _F(9, 40), 0, 0, 0, 0, 0],
+        [_F(44, 45), _F(-56, 15), _F(32, 9), 0, 0, 0, 0],
+        [_F(19372, 6561), _F(-25360, 2187), _F(64448, 6561), _F(-212, 729), 0, 0, 0],
+        [_F(9017, 3168), _F(-355, 33), _F(46732, 5247), _F(49, 176), _F(-5103, 18656), 0, 0],
+        [_F(35, 384), 0, _F(500, 1113), _F(125, 192), _F(-2187, 6784), _F(11, 84), 0],
+    ],
+    b=[_F(35, 384), 0, _F(500, 1113), _F(125, 192), _F(-2187, 6784), _F(11, 84), 0],
+    b_embedded=[_F(5179, 57600), 0, _F(7571, 16695), _F(393, 640), _F(-92097, 339200), _F(187, 2100), _F(1, 40)],
+    order=5,
+    embedded_order=4,
+)
+
+
 def validate_n_steps(n_steps: int, argument: str = "n_steps") -> None:
     """Raise ``ValueError`` unless ``n_steps`` is an integer >= 1."""
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"{argument}={n_steps!r} is not valid: expected an integer >= 1")
+    check_integer(argument, n_steps)
+
+
+def rk_stage_plan(basis: Basis, n_basis: int, tableau: ButcherTableau, n_steps: int) -> RKStagePlan:
+    """Which pieces every Runge-Kutta stage of ``n_steps`` equal steps reads, computed exactly.
+
+    RK stage ``j`` of step ``i`` sits at ``t = (i + c_j) / n_steps``. A stage at the end of its step (``c_j = 1``)
+    takes the left limit, so it reads the piece its step ends in (the open-interval rule).
+    """
+    return tuple(
+        tuple(
+            basis.node_weights(n_basis, Fraction(step, n_steps) + node / n_steps, left_limit=node == 1)
+            for node in tableau.c[: tableau.n_stages]
+        )
+        for step in range(n_steps)
+    )
+
+
+class Integrator(Protocol[PlanT]):
+    """How an ODE stage is integrated: ``dx/dt = depth * rate(theta(t), x)`` over ``t in [0, 1]``.
+
+    A stage asks for a plan once per resolution (which coefficients of its basis every evaluation reads, as far as
+    that can be known before the run) and integrates with it at every forward pass. Implementations are immutable:
+    their settings are part of the stage's :class:`~lightning_cnet.resolution.StageResolution`.
+
+    Attributes:
+        trains: whether the stage may use it in training mode (an integrator that tries steps and rejects some
+            would let BatchNorm learn from the rejected ones).
+    """
+
+    trains: ClassVar[bool]
+
+    @property
+    def name(self) -> str:
+        """The scheme's name."""
+
+    @property
+    def n_steps(self) -> int | None:
+        """Steps over ``[0, 1]`` (the first step's size ``1 / n_steps`` for an adaptive integrator)."""
+
+    def plan(self, basis: Basis, n_basis: int) -> PlanT:
+        """What the integration reads of a basis of ``n_basis`` coefficients, computed once per resolution."""
+
+    def integrate(self, rate: Rate, x: torch.Tensor, depth: float, plan: PlanT) -> torch.Tensor:
+        """The state at ``t = 1`` from ``x`` at ``t = 0``."""
+
+    def segments(self, plan: PlanT) -> Sequence[PlanT]:
+        """Consecutive parts of ``plan``; integrating them in turn is integrating ``plan`` (so that training can
+        recompute each part's activations in backward)."""
+
+    def function_evaluations(self, plan: PlanT) -> int:
+        """Evaluations of ``rate`` per integration (an adaptive integrator: those of its last integration)."""
+
+
+@dataclass(frozen=True, init=False, repr=False)
+class FixedStepRK:
+    """``n_steps`` equal steps of an explicit Runge-Kutta scheme over ``[0, 1]``: the integrator of training.
+
+    Args:
+        scheme: a registered scheme name or a :class:`ButcherTableau`.
+        n_steps: number of steps; ``None`` as a manifestation keeps the stage's own step count.
+
+    Example:
+        >>> from lightning_cnet.bases import get_basis
+        >>> rk4 = FixedStepRK("rk4", n_steps=8)
+        >>> plan = rk4.plan(get_basis("piecewise_constant"), 1)
+        >>> x1 = rk4.integrate(lambda nodes, x: -x, torch.ones(1), 1.0, plan)
+        >>> abs(x1.item() - math.exp(-1.0)) < 1e-5, rk4.function_evaluations(plan)
+        (True, 32)
+        >>> rk4
+        FixedStepRK('rk4', n_steps=8)
+    """
+
+    tableau: ButcherTableau
+    n_steps: int | None
+    trains: ClassVar[bool] = True
+
+    def __init__(self, scheme: str | ButcherTableau = "euler", n_steps: int | None = None) -> None:
+        check_integer("n_steps", n_steps, optional=True)
+        object.__setattr__(self, "tableau", get_scheme(scheme))
+        object.__setattr__(self, "n_steps", n_steps)
+
+    @property
+    def name(self) -> str:
+        return self.tableau.name
+
+    def __repr__(self) -> str:
+        return f"FixedStepRK({self.name!r}, n_steps={self.n_steps!r})"
+
+    def plan(self, basis: Basis, n_basis: int) -> RKStagePlan:
+        return rk_stage_plan(basis, n_basis, self.tableau, self._steps())
+
+    def integrate(self, rate: Rate, x: torch.Tensor, depth: float, plan: RKStagePlan) -> torch.Tensor:
+        return rk_integrate(rate, x, self.tableau, depth / self._steps(), plan)
+
+    def segments(self, plan: RKStagePlan) -> tuple[RKStagePlan, ...]:
+        """One part per step."""
+        return tuple((step,) for step in plan)
+
+    def function_evaluations(self, plan: RKStagePlan) -> int:
+        return self._steps() * self.tableau.n_stages
+
+    def _steps(self) -> int:
+        if self.n_steps is None:
+            raise ValueError(f"FixedStepRK({self.name!r}) has no n_steps: give one (a stage given it as a "
+                             "manifestation keeps its own)")
+        return self.n_steps
 
 
 def rk_integrate(
@@ -303,7 +496,8 @@ def odeint_fixed(
     validate_n_steps(n_steps)
     tableau = get_scheme(scheme)
     step_size = (t1 - t0) / n_steps
-    times = [[t0 + (step + float(node)) * step_size for node in tableau.c] for step in range(n_steps)]
+    nodes = tableau.c[: tableau.n_stages]
+    times = [[t0 + (step + float(node)) * step_size for node in nodes] for step in range(n_steps)]
     return rk_integrate(func, x0, tableau, step_size, times)
 
 
@@ -338,5 +532,5 @@ def rk_step(
     :func:`odeint_fixed`)."""
     t, step_size = _time(t, "t"), _time(step_size, "step_size")
     tableau = get_scheme(scheme)
-    times = [[t + float(node) * step_size for node in tableau.c]]
+    times = [[t + float(node) * step_size for node in tableau.c[: tableau.n_stages]]]
     return rk_integrate(func, x, tableau, step_size, times)

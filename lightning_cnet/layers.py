@@ -41,7 +41,8 @@ class ParameterChange:
     Attributes:
         old: the layer's parameters before, in module order.
         new: the layer's parameters after, in module order.
-        sources: each new parameter -> the old parameters it is a linear combination of, with their coefficients.
+        sources: each new parameter -> the old parameters it is a linear combination of, with their coefficients (all
+            of them with coefficient 0 for a new parameter that starts at zero).
     """
 
     old: tuple[nn.Parameter, ...]
@@ -72,7 +73,10 @@ def resample_pieces(pieces: Sequence[torch.Tensor], matrix: torch.Tensor) -> lis
 
 
 def _sources(matrix: torch.Tensor, old: Sequence[nn.Parameter], row: int) -> tuple[tuple[nn.Parameter, float], ...]:
-    return tuple((old[col], float(matrix[row, col])) for col in range(matrix.shape[1]) if matrix[row, col] != 0)
+    """The old pieces a new one combines, with their coefficients; a new piece that starts at zero (a higher Legendre
+    mode) is the zero combination of all of them, so that optimizers put it with them."""
+    found = tuple((old[col], float(matrix[row, col])) for col in range(matrix.shape[1]) if matrix[row, col] != 0)
+    return found or tuple((piece, 0.0) for piece in old)
 
 
 def _weight_and_bias(
@@ -125,6 +129,10 @@ class TimeDependent(nn.Module):
             sources.update({param: _sources(matrix, pieces, row) for row, param in enumerate(new)})
             setattr(self, name, nn.ParameterList(new))
         return ParameterChange(old, tuple(self.parameters()), sources)
+
+    def check_basis(self, basis: Basis) -> None:
+        """Raise ``ValueError`` if the layer cannot be driven by the node weights of ``basis`` (every layer can, but
+        those that mix what is not linear in the coefficients: :class:`TimeBatchNorm2d`)."""
 
     def perturb_(self, noise_std: float, generator: torch.Generator | None = None) -> None:
         """Multiply every piece of the ``noisy_parameters`` elementwise by ``1 + noise_std * N(0, 1)``."""
@@ -301,6 +309,10 @@ class TimeBatchNorm2d(TimeDependent):
     training updates each piece's statistics with its momentum scaled by its node weight; there the batch
     statistics are those of the process (not synchronised).
 
+    Mixing running statistics needs node weights that form a partition of unity (a convex combination of variances
+    is a variance, and a batch's statistics are shared out by the weights): a basis that is not one (``"legendre"``,
+    whose weights take both signs) is refused by :meth:`check_basis`, which the ODE stage calls when it is built.
+
     Args:
         num_features: channels.
         n_basis: number of pieces ``K``.
@@ -325,6 +337,15 @@ class TimeBatchNorm2d(TimeDependent):
     @property
     def n_basis(self) -> int:
         return len(self.pieces)
+
+    def check_basis(self, basis: Basis) -> None:
+        """Raise ``ValueError`` unless the node weights of ``basis`` form a partition of unity."""
+        if not basis.partition_of_unity:
+            raise ValueError(
+                f"basis={basis.name!r} is not valid for TimeBatchNorm2d: its node weights are not a partition of unity "
+                "(non-negative, summing to one), so running means and variances cannot be mixed with them; use a "
+                "unit without BatchNorm (e.g. unit='mlp'), or a piecewise basis"
+            )
 
     def pieces_by_name(self) -> dict[str, list[torch.Tensor]]:
         """The affine parameters and running statistics as lists of ``K`` pieces, by name."""

@@ -47,9 +47,11 @@ from lightning_cnet.cost import (
     scaled,
     unit_piece_bytes,
 )
-from lightning_cnet.integrators import get_scheme, validate_n_steps
+from lightning_cnet._validation import check_integer
+from lightning_cnet.integrators import ButcherTableau, Integrator, get_scheme, validate_n_steps
 from lightning_cnet.layers import ParameterChange, TimeGate, TimeLayerNorm
-from lightning_cnet.ode_block import BlockChange, ODEBlock, StageResolution, check_noise_std
+from lightning_cnet.ode_block import BlockChange, ODEBlock, check_noise_std
+from lightning_cnet.resolution import StageResolution
 from lightning_cnet.registry import Registry
 from lightning_cnet.units import UnitFactory
 
@@ -136,7 +138,7 @@ class ContinuousNet(nn.Module):
         scheme: Runge-Kutta scheme of every stage.
         n_steps: integration steps per stage (one value, or one per stage).
         n_basis: basis coefficients per stage (default: ``n_steps``).
-        basis: ``"piecewise_constant"`` or ``"piecewise_linear"``.
+        basis: ``"piecewise_constant"``, ``"piecewise_linear"`` or ``"legendre"`` (with a unit without BatchNorm).
         T: physical depth per stage (default: ``n_steps``, so Euler steps are ``x + R(x)``; for a model refined
             during training, give the step count of the final model).
         unit: the residual unit of every stage: a registered name (``"preact_basic"``, ``"bottleneck"``, see
@@ -430,52 +432,70 @@ class ContinuousNet(nn.Module):
         """Evaluations of residual units per forward pass, summed over stages."""
         return sum(stage.function_evaluations for stage in self.stages)
 
-    def set_manifestation(self, *, scheme: str | None = None, n_steps: PerStage = None) -> None:
-        """Integrate every stage with another scheme and/or step count from now on.
+    def set_manifestation(
+        self,
+        *,
+        scheme: str | ButcherTableau | None = None,
+        n_steps: PerStage = None,
+        integrator: Integrator[Any] | None = None,
+    ) -> None:
+        """Integrate every stage another way from now on.
 
         Args:
-            scheme: a registered scheme name.
+            scheme: fixed steps of this registered scheme.
             n_steps: one step count, or one per stage.
+            integrator: instead of ``scheme``, a :class:`~lightning_cnet.integrators.FixedStepRK` or an
+                :class:`~lightning_cnet.adaptive.AdaptiveRK` (steps chosen to a tolerance, for evaluation); its
+                ``n_steps``, if given, is every stage's.
 
         Raises:
-            ValueError: an unknown scheme or an invalid step count (one above
-                :data:`~lightning_cnet.cost.MAX_STEPS_PER_STAGE` too); no stage is changed.
+            ValueError: an unknown scheme, an invalid step count (one above
+                :data:`~lightning_cnet.cost.MAX_STEPS_PER_STAGE` too) or integrator; no stage is changed.
 
         Warns:
             ResolutionCostWarning: more than :data:`~lightning_cnet.cost.WARN_EVALUATIONS_PER_STAGE` residual
                 evaluations in a stage per forward pass.
         """
         steps = _per_stage(n_steps, len(self.stages), "n_steps")
-        tableau = None if scheme is None else get_scheme(scheme)
         for n in steps:
             if n is not None:
                 validate_n_steps(n)
-                check_step_count(n)
-        costs = tuple(StageCost(stage.n_basis, stage.n_steps if n is None else n,
-                                (tableau or stage.tableau).n_stages, 0) for stage, n in zip(self.stages, steps))
+        after = [stage.resolution.with_manifestation(scheme=scheme, n_steps=n, integrator=integrator)
+                 for stage, n in zip(self.stages, steps)]
+        costs = tuple(StageCost(r.n_basis, r.n_steps, r.tableau.n_stages, 0) for r in after)
         check_cost(Cost(costs), what=f"the manifestation n_steps={'-'.join(str(c.n_steps) for c in costs)}")
         for stage, n in zip(self.stages, steps):
-            stage.set_manifestation(scheme=scheme, n_steps=n)
+            stage.set_manifestation(scheme=scheme, n_steps=n, integrator=integrator)
 
     @contextmanager
-    def manifestation(self, *, scheme: str | None = None, n_steps: PerStage = None) -> Iterator[ContinuousNet]:
-        """Temporarily integrate with another scheme and/or step count; restored on exit.
+    def manifestation(
+        self,
+        *,
+        scheme: str | ButcherTableau | None = None,
+        n_steps: PerStage = None,
+        integrator: Integrator[Any] | None = None,
+    ) -> Iterator[ContinuousNet]:
+        """Temporarily integrate another way (arguments as :meth:`set_manifestation`); restored on exit.
 
         Example:
+            >>> from lightning_cnet.adaptive import AdaptiveRK
             >>> net = get_model("cnet_digits", n_steps=4)
             >>> with net.manifestation(scheme="rk4", n_steps=2):
             ...     net.resolution[0].scheme
             'rk4'
+            >>> with net.manifestation(integrator=AdaptiveRK("dopri5", rtol=1e-4, atol=1e-6)):
+            ...     net.resolution[0].describe()
+            'n_steps=4 n_basis=4 dopri5 rtol=0.0001 atol=1e-06'
             >>> net.resolution[0].scheme
             'euler'
         """
-        previous = [(stage.tableau, stage.n_steps) for stage in self.stages]
-        self.set_manifestation(scheme=scheme, n_steps=n_steps)
+        previous = [stage.resolution.integrator for stage in self.stages]
+        self.set_manifestation(scheme=scheme, n_steps=n_steps, integrator=integrator)
         try:
             yield self
         finally:
-            for stage, (old_tableau, old_steps) in zip(self.stages, previous):
-                stage.set_manifestation(scheme=old_tableau, n_steps=old_steps)
+            for stage, old in zip(self.stages, previous):
+                stage.set_manifestation(integrator=old)
 
     @contextmanager
     def stages_off(self) -> Iterator[ContinuousNet]:
@@ -499,21 +519,27 @@ class ContinuousNet(nn.Module):
         finally:
             self.stages = stages
 
-    def refine(self, *, noise_std: float = 0.0, generator: torch.Generator | None = None) -> ResolutionChange:
-        """Refine every stage in place: ``K -> 2K`` (``2K - 1`` for linear), ``N -> 2N``, ``T`` fixed.
+    def refine(self, *, noise_std: float = 0.0, generator: torch.Generator | None = None,
+               step_factor: int = 2) -> ResolutionChange:
+        """Refine every stage in place: ``K -> 2K`` (``2K - 1`` for linear; the basis decides),
+        ``N -> step_factor * N``, ``T`` fixed.
 
         Args:
             noise_std: multiply the refined convolution coefficients by ``1 + noise_std * N(0, 1)``.
             generator: random generator for the noise.
+            step_factor: multiply every step count by this (``1`` keeps the steps).
         """
         check_noise_std(noise_std)
-        self.check_refine()
+        check_integer("step_factor", step_factor)
+        self.check_refine(step_factor=step_factor)
         parameters_before = self._count_parameters()
-        changes = [stage.refine(noise_std=noise_std, generator=generator) for stage in self.stages]
+        changes = [stage.refine(noise_std=noise_std, generator=generator, step_factor=step_factor)
+                   for stage in self.stages]
         return self._report(changes, parameters_before)
 
     def check_refine(self, refinements: int = 1, *, training: bool = False,
-                     batch_shape: Sequence[int] | None = None, device: torch.device | str | None = None) -> None:
+                     batch_shape: Sequence[int] | None = None, device: torch.device | str | None = None,
+                     step_factor: int = 2) -> None:
         """Raise :class:`~lightning_cnet.cost.ResolutionCostError` (a ``ValueError``) if ``refinements`` more
         refinements would take a stage beyond the bounds of :mod:`lightning_cnet.cost` or the model beyond the memory
         available; warn if its forward pass would be very slow.
@@ -524,8 +550,10 @@ class ContinuousNet(nn.Module):
                 step at the refined step count.
             batch_shape: the training batch ``[B, C, H, W]``.
             device: where the memory is needed (default: where the model's weights are).
+            step_factor: the step count of each refinement is multiplied by this.
         """
-        cost = estimate_cost(self, refinements=refinements, batch_shape=batch_shape, training=training)
+        cost = estimate_cost(self, refinements=refinements, batch_shape=batch_shape, training=training,
+                             step_factor=step_factor)
         steps = "-".join(str(stage.n_steps) for stage in cost.stages)
 
         def fits(share: float) -> str:  # each refinement about doubles pieces, steps and activations

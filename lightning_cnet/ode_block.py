@@ -4,14 +4,16 @@
 optional skip-init gate. Every parameter of ``R`` and of the gate (and the BatchNorm running statistics) is a
 function of depth-time in a :mod:`~lightning_cnet.bases` basis of ``n_basis`` pieces. The stage is integrated
 with ``n_steps`` steps of an explicit Runge-Kutta ``scheme``; ``T`` is the physical depth. Scheme and step count
-can change after training (a different *manifestation* of the same model).
+can change after training (a different *manifestation* of the same model), and an evaluation may choose its steps
+adaptively (:class:`~lightning_cnet.adaptive.AdaptiveRK`).
 
 Euler with a piecewise-constant basis and ``n_basis = n_steps = T = N`` is exactly a ResNet stage of ``N``
 blocks of the unit.
 
-The stage's resolution (``n_basis``, ``n_steps``, ``scheme``, ``basis``, ``T``) travels in its state dict as
-tensors (``resolution.*``); loading a state dict of a finer stage refines this one first, after checking every
-entry, so a freshly built coarse model loads a refined checkpoint.
+The stage holds one immutable :class:`~lightning_cnet.resolution.StageResolution` and the integration plan derived
+from it; every change of resolution replaces both. The resolution travels in the state dict as tensors
+(``resolution.*``); loading a state dict of a finer stage refines this one first, after checking every entry, so a
+freshly built coarse model loads a refined checkpoint.
 
 Example:
     >>> import torch
@@ -31,7 +33,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from fractions import Fraction
+from functools import partial
 from typing import Any
 
 import torch
@@ -40,41 +42,25 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
 from lightning_cnet._scripting import evaluated_forward_annotations, scriptable_graph
+from lightning_cnet._validation import check_integer
 from lightning_cnet.bases import Basis, NodeWeights, get_basis
 from lightning_cnet.cost import (
     CHEAP_RESOLUTION,
     Cost,
     StageCost,
     check_cost,
-    check_depth,
     check_piece_count,
     check_step_count,
     scaled,
     unit_piece_bytes,
 )
-from lightning_cnet.integrators import SCHEMES, ButcherTableau, get_scheme, rk_integrate, validate_n_steps
+from lightning_cnet.integrators import ButcherTableau, Integrator, RKStagePlan, rk_stage_plan, validate_n_steps
 from lightning_cnet.layers import ParameterChange, TimeDependent, TimeGate
+from lightning_cnet.resolution import MAX_NAME_BYTES, RESOLUTION_PREFIX, StageResolution
 from lightning_cnet.units import UnitFactory, build_unit
 
-RKStagePlan = tuple[tuple[NodeWeights, ...], ...]
-"""Per integration step, the node weights read by each Runge-Kutta stage."""
-
-RESOLUTION_PREFIX = "resolution."
-"""State-dict keys of a stage's resolution: ``<stage>.resolution.{n_basis, n_steps, T, scheme, basis}``."""
-
-#: Longest scheme or basis name a checkpoint may store (registered names are a few characters).
-MAX_NAME_BYTES = 64
-
-
-@dataclass(frozen=True)
-class StageResolution:
-    """How one ODE stage is represented (``n_basis``, ``basis``, ``T``) and integrated (``n_steps``, ``scheme``)."""
-
-    n_basis: int
-    n_steps: int
-    scheme: str
-    basis: str
-    T: float
+__all__ = ["BlockChange", "MAX_NAME_BYTES", "ODEBlock", "RESOLUTION_PREFIX", "RKStagePlan", "StageResolution",
+           "check_noise_std", "rk_stage_plan"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,21 +77,6 @@ class BlockChange:
     before: StageResolution
     after: StageResolution
     parameter_changes: tuple[ParameterChange, ...]
-
-
-def rk_stage_plan(basis: Basis, n_basis: int, tableau: ButcherTableau, n_steps: int) -> RKStagePlan:
-    """Which pieces every Runge-Kutta stage reads, computed exactly.
-
-    RK stage ``j`` of step ``i`` sits at ``t = (i + c_j) / n_steps``. A stage at the end of its step (``c_j = 1``)
-    takes the left limit, so it reads the piece its step ends in (the open-interval rule).
-    """
-    return tuple(
-        tuple(
-            basis.node_weights(n_basis, Fraction(step, n_steps) + node / n_steps, left_limit=node == 1)
-            for node in tableau.c
-        )
-        for step in range(n_steps)
-    )
 
 
 class _FrozenStatistics:
@@ -143,7 +114,8 @@ class ODEBlock(nn.Module):
         n_basis: number of pieces ``K`` of every time-dependent parameter.
         n_steps: number of integration steps ``N`` (default: ``n_basis``).
         scheme: a registered Runge-Kutta scheme (see :func:`~lightning_cnet.integrators.list_schemes`).
-        basis: ``"piecewise_constant"`` or ``"piecewise_linear"`` (or a registered basis).
+        basis: ``"piecewise_constant"``, ``"piecewise_linear"``, ``"legendre"`` (or a registered basis); a unit with
+            BatchNorm needs a basis whose node weights form a partition of unity (not ``"legendre"``).
         T: physical depth of the stage (default: ``n_steps``, so that each Euler step is ``x + R(x)``). When the
             stage is refined during training, set it to the step count of the final model.
         skip_init: multiply ``R`` by a gate ``s(t)`` initialised to zero (the stage starts as the identity).
@@ -165,43 +137,74 @@ class ODEBlock(nn.Module):
         unit_kwargs: dict[str, Any] | None = None,
         n_basis: int = 1,
         n_steps: int | None = None,
-        scheme: str = "euler",
-        basis: str = "piecewise_constant",
+        scheme: str | ButcherTableau = "euler",
+        basis: str | Basis = "piecewise_constant",
         T: float | None = None,
         skip_init: bool = True,
         recompute_steps: bool = False,
     ) -> None:
         super().__init__()
-        self.basis = get_basis(basis)
-        self.basis.validate_size(n_basis)
+        get_basis(basis).validate_size(n_basis)
         n_steps = n_basis if n_steps is None else n_steps
         validate_n_steps(n_steps)
-        self.tableau = get_scheme(scheme)
-        self.n_steps = n_steps
-        self.T = check_depth(float(n_steps) if T is None else T)
+        resolution = StageResolution(n_basis, n_steps, scheme, basis, float(n_steps) if T is None else T)
         self.recompute_steps = recompute_steps
-        _check_stage_size(unit, width, unit_kwargs, n_basis, n_steps, self.tableau, skip_init)
+        _check_stage_size(unit, width, unit_kwargs, n_basis, n_steps, resolution.tableau, skip_init)
         self.unit = build_unit(unit, width, n_basis, unit_kwargs)
         self.gate = TimeGate(n_basis=n_basis) if skip_init else None
-        self._update_plan()
+        for layer in self.time_layers():
+            layer.check_basis(resolution.basis_family)
+        self._take(resolution)
         self.register_state_dict_post_hook(_save_resolution)
         self.register_load_state_dict_pre_hook(_load_resolution)
 
+    def _take(self, resolution: StageResolution) -> None:
+        """Hold ``resolution`` and its integrator and plan from now on (the pieces already match it)."""
+        integrator = resolution.integrator
+        plan = integrator.plan(resolution.basis_family, resolution.n_basis)
+        self._resolution, self._integrator, self._plan = resolution, integrator, plan
+
     # ------------------------------------------------------------------ resolution
+    @property
+    def resolution(self) -> StageResolution:
+        """The current representation and manifestation."""
+        return self._resolution
+
+    @property
+    def integrator(self) -> Integrator[Any]:
+        """How the stage is integrated (:class:`~lightning_cnet.integrators.FixedStepRK` or
+        :class:`~lightning_cnet.adaptive.AdaptiveRK`)."""
+        return self._integrator
+
     @property
     def n_basis(self) -> int:
         """Number of pieces ``K``."""
-        return next(self.time_layers()).n_basis
+        return self._resolution.n_basis
+
+    @property
+    def n_steps(self) -> int:
+        """Number of integration steps ``N`` (adaptive steps: the first step is ``1 / N``)."""
+        return self._resolution.n_steps
+
+    @property
+    def T(self) -> float:
+        """Physical depth of the stage."""
+        return self._resolution.T
+
+    @property
+    def basis(self) -> Basis:
+        """The time basis of every time-dependent tensor."""
+        return self._resolution.basis_family
+
+    @property
+    def tableau(self) -> ButcherTableau:
+        """The Runge-Kutta scheme's tableau."""
+        return self._resolution.tableau
 
     @property
     def scheme(self) -> str:
         """Name of the Runge-Kutta scheme."""
-        return self.tableau.name
-
-    @property
-    def resolution(self) -> StageResolution:
-        """The current representation and manifestation."""
-        return StageResolution(self.n_basis, self.n_steps, self.scheme, self.basis.name, self.T)
+        return self._resolution.scheme
 
     @property
     def stage_resolutions(self) -> tuple[StageResolution, ...]:
@@ -210,70 +213,89 @@ class ODEBlock(nn.Module):
 
     @property
     def function_evaluations(self) -> int:
-        """Evaluations of ``R`` per forward pass."""
-        return self.n_steps * self.tableau.n_stages
+        """Evaluations of ``R`` per forward pass (adaptive steps: those of the last forward pass, 0 before any)."""
+        return self._integrator.function_evaluations(self._plan)
 
     def time_layers(self) -> Iterator[TimeDependent]:
         """The layers whose tensors are stored as pieces (the unit's and the gate), in module order."""
         return (module for module in self.modules() if isinstance(module, TimeDependent))
 
-    def set_manifestation(self, *, scheme: str | ButcherTableau | None = None, n_steps: int | None = None) -> None:
-        """Integrate with another scheme and/or step count from now on; the weights are untouched.
+    def set_manifestation(
+        self,
+        *,
+        scheme: str | ButcherTableau | None = None,
+        n_steps: int | None = None,
+        integrator: Integrator[Any] | None = None,
+    ) -> None:
+        """Integrate another way from now on; the weights are untouched.
+
+        Args:
+            scheme: fixed steps of this scheme (``None``: keep the current integration).
+            n_steps: steps (adaptive steps: the first step is ``1 / n_steps``).
+            integrator: a :class:`~lightning_cnet.integrators.FixedStepRK` or an
+                :class:`~lightning_cnet.adaptive.AdaptiveRK` (for evaluation), instead of ``scheme``.
 
         Raises:
-            ValueError: unknown scheme, ``n_steps < 1`` or above :data:`~lightning_cnet.cost.MAX_STEPS_PER_STAGE`;
-                nothing is changed.
+            ValueError: unknown scheme, ``n_steps < 1`` or above :data:`~lightning_cnet.cost.MAX_STEPS_PER_STAGE`, an
+                integrator that is not one of those; nothing is changed.
         """
-        tableau = self.tableau if scheme is None else get_scheme(scheme)
-        if n_steps is not None:
-            validate_n_steps(n_steps)
-            check_step_count(n_steps)
-        self.tableau = tableau
-        self.n_steps = self.n_steps if n_steps is None else n_steps
-        self._update_plan()
+        self._take(self._resolution.with_manifestation(scheme=scheme, n_steps=n_steps, integrator=integrator))
 
     @contextmanager
-    def manifestation(self, *, scheme: str | None = None, n_steps: int | None = None) -> Iterator[ODEBlock]:
-        """Temporarily integrate with another scheme and/or step count."""
-        previous = (self.tableau, self.n_steps)
-        self.set_manifestation(scheme=scheme, n_steps=n_steps)
+    def manifestation(
+        self,
+        *,
+        scheme: str | ButcherTableau | None = None,
+        n_steps: int | None = None,
+        integrator: Integrator[Any] | None = None,
+    ) -> Iterator[ODEBlock]:
+        """Temporarily integrate another way (arguments as :meth:`set_manifestation`)."""
+        previous = self._resolution, self._integrator, self._plan
+        self.set_manifestation(scheme=scheme, n_steps=n_steps, integrator=integrator)
         try:
             yield self
         finally:
-            self.tableau, self.n_steps = previous
-            self._update_plan()
+            self._resolution, self._integrator, self._plan = previous
 
-    def refine(self, *, noise_std: float = 0.0, generator: torch.Generator | None = None) -> BlockChange:
-        """Double the time resolution in place: ``K -> K'`` (``2K``, or ``2K - 1`` for linear), ``N -> 2N``.
+    def refine(self, *, noise_std: float = 0.0, generator: torch.Generator | None = None,
+               step_factor: int = 2) -> BlockChange:
+        """Refine the time resolution in place: ``K -> K'`` (the basis'
+        :meth:`~lightning_cnet.bases.Basis.refined_size`: ``2K``, ``2K - 1`` for linear), ``N -> step_factor * N``.
 
         ``theta(t)`` is unchanged as a function and ``T`` is kept, so the output changes only through the finer
         step, unless ``noise_std > 0`` multiplies the pieces of the unit's convolutions and linear maps by
         ``1 + noise_std * N(0, 1)`` (BatchNorm, LayerNorm and the gate are not perturbed).
+
+        Args:
+            noise_std: relative noise on the refined pieces.
+            generator: random generator of the noise.
+            step_factor: multiply the step count by this (``1`` keeps the steps).
         """
         check_noise_std(noise_std)
-        self.check_refine()
-        before = self.resolution
-        changes = self._resample(self.basis.refinement_matrix(self.n_basis))
+        check_integer("step_factor", step_factor)
+        self.check_refine(step_factor=step_factor)
+        before = self._resolution
+        after = before.replace(n_basis=self.basis.refined_size(before.n_basis), n_steps=before.n_steps * step_factor)
+        changes = self._resample(self.basis.refinement_matrix(before.n_basis))
         if noise_std > 0:
             for layer in self.time_layers():
                 layer.perturb_(noise_std, generator)
-        self.n_steps *= 2
-        self._update_plan()
-        return BlockChange(before, self.resolution, changes)
+        self._take(after)
+        return BlockChange(before, after, changes)
 
-    def refined_cost(self, refinements: int = 1) -> StageCost:
+    def refined_cost(self, refinements: int = 1, *, step_factor: int = 2) -> StageCost:
         """The cost of this stage after ``refinements`` refinements (see :mod:`lightning_cnet.cost`)."""
         n_basis = self.n_basis
         for _ in range(refinements):
             n_basis = self.basis.refined_size(n_basis)
         pieces = [t for layer in self.time_layers() for values in layer.pieces_by_name().values() for t in values]
         piece_bytes = math.ceil(sum(t.numel() * t.element_size() for t in pieces) / self.n_basis)
-        return StageCost(n_basis, self.n_steps * 2**refinements, self.tableau.n_stages, piece_bytes)
+        return StageCost(n_basis, self.n_steps * step_factor**refinements, self.tableau.n_stages, piece_bytes)
 
-    def check_refine(self, refinements: int = 1) -> None:
+    def check_refine(self, refinements: int = 1, *, step_factor: int = 2) -> None:
         """Raise :class:`~lightning_cnet.cost.ResolutionCostError` if ``refinements`` calls of :meth:`refine` would go
         beyond the bounds of :mod:`lightning_cnet.cost` or the memory available."""
-        cost = self.refined_cost(refinements)
+        cost = self.refined_cost(refinements, step_factor=step_factor)
         check_step_count(cost.n_steps, "n_steps after refinement")
         check_piece_count(cost.n_basis, "n_basis after refinement")
         if cost.n_basis > CHEAP_RESOLUTION:
@@ -302,20 +324,17 @@ class ODEBlock(nn.Module):
             ValueError: a finer or invalid ``n_basis``, or ``n_steps < 1``; nothing is changed.
         """
         self.check_compress(n_basis, n_steps)
-        before = self.resolution
+        before = self._resolution
+        after = before.replace(**{name: value for name, value in (("n_basis", n_basis), ("n_steps", n_steps))
+                                  if value is not None})
         changes: tuple[ParameterChange, ...] = ()
-        if n_basis is not None and n_basis != self.n_basis:
-            changes = self._resample(self.basis.projection_matrix(self.n_basis, n_basis))
-        if n_steps is not None:
-            self.n_steps = n_steps
-        self._update_plan()
-        return BlockChange(before, self.resolution, changes)
+        if after.n_basis != before.n_basis:
+            changes = self._resample(self.basis.projection_matrix(before.n_basis, after.n_basis))
+        self._take(after)
+        return BlockChange(before, after, changes)
 
     def _resample(self, matrix: torch.Tensor) -> tuple[ParameterChange, ...]:
         return tuple(layer.resample(matrix) for layer in list(self.time_layers()))
-
-    def _update_plan(self) -> None:
-        self._plan: RKStagePlan = rk_stage_plan(self.basis, self.n_basis, self.tableau, self.n_steps)
 
     # ------------------------------------------------------------------ checkpoints
     def refinements_to_match(self, n_basis: int) -> int:
@@ -324,7 +343,8 @@ class ODEBlock(nn.Module):
         Raises:
             ValueError: ``n_basis`` cannot be reached by refining the current basis.
         """
-        reachable, current = [], self.n_basis
+        reachable: list[int] = []
+        current = self.n_basis
         while current <= n_basis:
             if current == n_basis:
                 return len(reachable)
@@ -341,7 +361,8 @@ class ODEBlock(nn.Module):
 
         Only the state dict is read, and nothing larger than the stored tensors is built: a claimed ``n_basis`` must
         be the number of pieces the state dict actually stores for the stage, ``n_steps`` and ``T`` are bounded
-        (:mod:`lightning_cnet.cost`), so a tampered or foreign file is refused in milliseconds.
+        (:mod:`lightning_cnet.cost`), so a tampered or foreign file is refused in milliseconds
+        (:meth:`StageResolution.from_state_dict <lightning_cnet.resolution.StageResolution.from_state_dict>`).
 
         Raises:
             ValueError: an entry is missing, malformed or out of range (``T`` not finite and positive or above
@@ -349,33 +370,11 @@ class ODEBlock(nn.Module):
                 ``[1, MAX_STEPS_PER_STAGE]``, an unregistered scheme, another basis, an ``n_basis`` refinement cannot
                 reach or that differs from the pieces stored).
         """
-        keys = {name: prefix + RESOLUTION_PREFIX + name for name in ("n_basis", "n_steps", "T", "scheme", "basis")}
-        present = {name: state_dict[key] for name, key in keys.items() if key in state_dict}
-        if not present:
-            return None
-        where = f"the checkpoint's stage {prefix.rstrip('.') or '(root)'}"
-        if missing := sorted(keys.keys() - present.keys()):
-            raise ValueError(f"{where} lacks {', '.join(keys[name] for name in missing)}")
-        basis, scheme = (_decode_name(present[name], keys[name]) for name in ("basis", "scheme"))
-        n_basis, n_steps = (_integer(present[name], keys[name]) for name in ("n_basis", "n_steps"))
-        depth = _real(present["T"], keys["T"])
-        if basis != self.basis.name:
-            raise ValueError(
-                f"{where} uses basis={basis!r} but this model uses {self.basis.name!r}; build the model with "
-                f"basis={basis!r}"
-            )
-        if scheme not in SCHEMES:
-            raise ValueError(f"{where} uses scheme={scheme!r}, which is not registered: expected one of "
-                             f"{SCHEMES.names()}")
-        if n_steps < 1:
-            raise ValueError(f"{where} has n_steps={n_steps}: expected an integer >= 1")
-        check_step_count(n_steps, f"{where}: n_steps")
-        if not (math.isfinite(depth) and depth > 0):
-            raise ValueError(f"{where} has T={depth}: expected a finite positive physical depth")
-        check_depth(depth, f"{where}: T")
-        self._check_stored_pieces(state_dict, prefix, n_basis, where)
-        self.refinements_to_match(n_basis)
-        return StageResolution(n_basis, n_steps, scheme, basis, depth)
+        resolution = StageResolution.from_state_dict(
+            state_dict, prefix, basis=self.basis, check_pieces=partial(self._check_stored_pieces, state_dict, prefix))
+        if resolution is not None:
+            self.refinements_to_match(resolution.n_basis)
+        return resolution
 
     def stored_piece_counts(self, state_dict: dict[str, Any], prefix: str) -> dict[str, list[int]]:
         """Per time-dependent layer of this stage, the piece indices a state dict stores for it (at ``prefix``), read
@@ -410,31 +409,48 @@ class ODEBlock(nn.Module):
                                  "resolution does not match the tensors (a tampered or foreign file)")
 
     def load_resolution(self, resolution: StageResolution) -> None:
-        """Take a (checked) stored resolution: refine to its ``n_basis``, take its manifestation and ``T``."""
+        """Take a (checked) stored resolution: refine to its ``n_basis``, take its manifestation and ``T``.
+
+        Raises:
+            ValueError: a resolution of another basis, or an ``n_basis`` refinement cannot reach.
+        """
+        if resolution.basis != self.basis.name:
+            raise ValueError(f"a resolution of basis={resolution.basis!r} cannot be loaded into a stage of basis="
+                             f"{self.basis.name!r}")
         for _ in range(self.refinements_to_match(resolution.n_basis)):
-            self.refine()
-        self.set_manifestation(scheme=resolution.scheme, n_steps=resolution.n_steps)
-        self.T = resolution.T
+            self.refine(step_factor=1)
+        self._take(resolution.replace(basis=self.basis))
 
     # ------------------------------------------------------------------ forward
     def _rate(self, nodes: NodeWeights, x: torch.Tensor) -> torch.Tensor:
-        return self.unit(x, nodes, None if self.gate is None else self.gate(nodes))
+        rate: torch.Tensor = self.unit(x, nodes, None if self.gate is None else self.gate(nodes))
+        return rate
 
-    def _recomputation_context(self) -> tuple[nullcontext, _FrozenStatistics]:
+    def _recomputation_context(self) -> tuple[nullcontext[None], _FrozenStatistics]:
         return nullcontext(), _FrozenStatistics(self)
 
-    def _step(self, x: torch.Tensor, step_plan: tuple[NodeWeights, ...]) -> torch.Tensor:
-        return rk_integrate(self._rate, x, self.tableau, self.T / self.n_steps, (step_plan,))
+    def _segment(self, x: torch.Tensor, segment: Any) -> torch.Tensor:
+        return self._integrator.integrate(self._rate, x, self._resolution.T, segment)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Integrate the stage from ``t = 0`` to ``t = 1``."""
-        if self.recompute_steps and self.training and torch.is_grad_enabled():
-            # compiled, the recomputation is part of the traced graph and updates no statistic: no context needed
-            options = {} if _compiling() else {"context_fn": self._recomputation_context}
-            for step_plan in self._plan:
-                x = checkpoint(self._step, x, step_plan, use_reentrant=False, **options)
-            return x
-        return rk_integrate(self._rate, x, self.tableau, self.T / self.n_steps, self._plan)
+        """Integrate the stage from ``t = 0`` to ``t = 1``.
+
+        Raises:
+            RuntimeError: in training mode with an integrator that does not train (adaptive steps).
+        """
+        if self.training:
+            if not self._integrator.trains:
+                raise RuntimeError(
+                    f"{self._integrator!r} is for evaluation, and this stage is in training mode: call .eval() first "
+                    "(in training mode BatchNorm would learn from rejected steps), or train with fixed steps"
+                )
+            if self.recompute_steps and torch.is_grad_enabled():
+                # compiled, the recomputation is part of the traced graph and updates no statistic: no context needed
+                options = {} if _compiling() else {"context_fn": self._recomputation_context}
+                for segment in self._integrator.segments(self._plan):
+                    x = checkpoint(self._segment, x, segment, use_reentrant=False, **options)
+                return x
+        return self._integrator.integrate(self._rate, x, self._resolution.T, self._plan)
 
     def __prepare_scriptable__(self) -> torch.fx.GraphModule:
         """What ``torch.jit.script(block)`` compiles: the block's ``torch.fx`` graph at its current manifestation
@@ -443,8 +459,9 @@ class ODEBlock(nn.Module):
         return scriptable_graph(self)
 
     def extra_repr(self) -> str:
-        r = self.resolution
-        return f"n_basis={r.n_basis}, n_steps={r.n_steps}, scheme={r.scheme!r}, basis={r.basis!r}, T={r.T}"
+        r = self._resolution
+        tolerances = f", rtol={r.rtol}, atol={r.atol}" if r.adaptive else ""
+        return f"n_basis={r.n_basis}, n_steps={r.n_steps}, scheme={r.scheme!r}, basis={r.basis!r}, T={r.T}{tolerances}"
 
 
 def _compiling() -> bool:
@@ -484,54 +501,14 @@ def _ranges(indices: list[int]) -> str:
     return ", ".join(shown) + (", ..." if len(runs) > 4 else "")
 
 
-def _encode_name(name: str) -> torch.Tensor:
-    return torch.tensor(list(name.encode("utf-8")), dtype=torch.uint8)
-
-
-def _decode_name(value: Any, key: str) -> str:
-    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1:
-        raise ValueError(f"{key} must be a 1-D uint8 tensor holding a name, got {_describe(value)}")
-    if value.numel() > MAX_NAME_BYTES:
-        raise ValueError(f"{key} holds {value.numel()} bytes: expected a name of at most {MAX_NAME_BYTES}")
-    try:
-        return bytes(value.tolist()).decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"{key} does not hold a UTF-8 name") from None
-
-
-def _integer(value: Any, key: str) -> int:
-    if not isinstance(value, torch.Tensor) or value.numel() != 1 or value.dtype.is_floating_point or value.is_complex():
-        raise ValueError(f"{key} must be a one-element integer tensor, got {_describe(value)}")
-    return int(value.item())
-
-
-def _real(value: Any, key: str) -> float:
-    if not isinstance(value, torch.Tensor) or value.numel() != 1:
-        raise ValueError(f"{key} must be a one-element tensor, got {_describe(value)}")
-    return float(value.item())
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {list(value.shape)}"
-    return f"a {type(value).__name__}"
-
-
 def _save_resolution(module: ODEBlock, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
     """State-dict post-hook: store the resolution as tensors next to the stage's parameters."""
-    resolution = module.resolution
-    key = prefix + RESOLUTION_PREFIX
-    state_dict[key + "n_basis"] = torch.tensor(resolution.n_basis, dtype=torch.int64)
-    state_dict[key + "n_steps"] = torch.tensor(resolution.n_steps, dtype=torch.int64)
-    state_dict[key + "T"] = torch.tensor(resolution.T, dtype=torch.float64)
-    state_dict[key + "scheme"] = _encode_name(resolution.scheme)
-    state_dict[key + "basis"] = _encode_name(resolution.basis)
+    state_dict.update(module.resolution.to_state_dict(prefix))
 
 
 def _load_resolution(module: ODEBlock, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     """Load pre-hook: check the stored resolution, take it (refining first), and drop its entries."""
     resolution = module.checkpoint_resolution(state_dict, prefix)
-    for name in ("n_basis", "n_steps", "T", "scheme", "basis"):
-        state_dict.pop(prefix + RESOLUTION_PREFIX + name, None)
+    StageResolution.pop_state_dict(state_dict, prefix)
     if resolution is not None:
         module.load_resolution(resolution)

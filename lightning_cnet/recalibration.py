@@ -33,6 +33,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lightning_cnet._transaction import restored_on_error
 from lightning_cnet.batches import model_input, to_device
 from lightning_cnet.layers import TimeBatchNorm2d
+from lightning_cnet.ode_block import ODEBlock
 
 
 @torch.no_grad()
@@ -60,11 +61,15 @@ def recalibrate_bn(
         inputs: ``batch -> model input``, instead of the default rules.
 
     Raises:
-        ValueError: no batch was seen, a batch in which the default rules find no input, or ``num_batches < 1``.
+        ValueError: no batch was seen, a batch in which the default rules find no input, or ``num_batches < 1``; an
+            ODE stage whose statistics cannot be estimated: its basis is not a partition of unity (its node weights
+            cannot share out a batch's statistics), or it is integrated with adaptive steps (which run in evaluation
+            only); nothing is changed.
     """
     if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
                                     or num_batches < 1):
         raise ValueError(f"num_batches={num_batches!r} must be None or an integer >= 1")
+    _check_stages(model)
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     time_norms = [m for m in model.modules() if isinstance(m, TimeBatchNorm2d)]
@@ -94,3 +99,18 @@ def recalibrate_bn(
                 module.training = training
             for norm, momentum in momenta:
                 norm.momentum = momentum
+
+
+def _check_stages(model: nn.Module) -> None:
+    """Refuse, before anything changes, the ODE stages whose statistics cannot be re-estimated."""
+    for name, stage in model.named_modules():
+        if not isinstance(stage, ODEBlock):
+            continue
+        for layer in stage.time_layers():
+            layer.check_basis(stage.basis)
+        if not stage.integrator.trains:
+            raise ValueError(
+                f"recalibrate_bn runs the model in training mode, where stage {name or '(root)'} refuses "
+                f"{stage.integrator!r}: estimate the statistics at a fixed-step manifestation (e.g. "
+                "set_manifestation(scheme='rk4', n_steps=8)) and evaluate with adaptive steps afterwards"
+            )

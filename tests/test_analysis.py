@@ -296,7 +296,7 @@ def test_bad_input_from_the_console_command_is_one_line_and_exit_2(run_dir, tmp_
                      "--out", str(tmp_path / "out"), cwd=tmp_path, expect=2)
     assert result.stderr.strip().splitlines() == [
         "lightning-cnet-analyze: error: scheme='rk5' is not known: expected one of "
-        "['euler', 'heun', 'midpoint', 'rk3', 'rk4', 'rk4_38']"
+        "['bosh3', 'dopri5', 'euler', 'heun', 'midpoint', 'rk3', 'rk4', 'rk4_38']"
     ]
     assert not (tmp_path / "out").exists()
 

@@ -35,9 +35,10 @@ FUNCTIONS = {"piecewise_constant": constant_functions, "piecewise_linear": hat_f
 
 
 def test_registry() -> None:
-    assert list_bases() == ["piecewise_constant", "piecewise_linear"]
+    assert list_bases() == ["legendre", "piecewise_constant", "piecewise_linear"]
     assert get_basis(LINEAR) is LINEAR
-    with pytest.raises(ValueError, match=r"basis='chebyshev' is not known: expected one of \['piecewise_constant'"):
+    with pytest.raises(ValueError,
+                       match=r"basis='chebyshev' is not known: expected one of \['legendre', 'piecewise_constant'"):
         get_basis("chebyshev")
 
 

@@ -372,7 +372,7 @@ def test_loading_restores_the_manifestation_and_depth() -> None:
 
 # ---------------------------------------------------------------------- docstring examples
 @pytest.mark.parametrize("module_name", ["bases", "integrators", "layers", "units", "ode_block", "models", "registry",
-                                         "_transaction", "_namespace"])
+                                         "_transaction", "_namespace", "resolution", "adaptive", "legendre"])
 def test_docstring_examples(monkeypatch: pytest.MonkeyPatch, module_name: str) -> None:
     for registry in (SCHEMES, BASES, MODELS, UNITS):  # what the examples register is dropped afterwards
         monkeypatch.setattr(registry, "_entries", dict(registry._entries))

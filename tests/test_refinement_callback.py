@@ -385,6 +385,40 @@ def test_resume_into_coarse_model_is_bit_identical(uninterrupted, checkpoint, pi
     _assert_identical(_final_state(task), uninterrupted.state)
 
 
+def test_a_checkpoint_without_the_callback_state_resumes_at_the_level_of_its_model(uninterrupted, tmp_path):
+    """Written without a refinement callback (here: its state removed), the checkpoint's model tells the level: the
+    refinements of its basis since the model as built; none is repeated."""
+    checkpoint = torch.load(uninterrupted.root / "mid-step=15.ckpt", weights_only=False)
+    checkpoint["callbacks"] = {key: value for key, value in checkpoint["callbacks"].items()
+                               if not key.startswith("DepthRefinementCallback")}
+    torch.save(checkpoint, tmp_path / "without.ckpt")
+    task = make_task(optimizer="adamw", lr=0.01, lr_schedule="cosine")
+    callback = DepthRefinementCallback([1, 2], noise_std=0.1)
+    trainer = pl.Trainer(**trainer_options(callbacks=[callback], max_epochs=4))
+    trainer.fit(task, datamodule=TinyDigits(), ckpt_path=tmp_path / "without.ckpt")
+    assert n_steps(task) == [4, 4, 4] and callback.level == 2 and callback.history == []
+
+
+def test_the_level_is_the_callback_s_own_state_whatever_the_steps(tmp_path):
+    """With step_factor=1 the step counts never change: the level comes from the callback's state, and a resume from
+    a checkpoint between the refinements neither repeats nor skips one."""
+    task = make_task()
+    callback = DepthRefinementCallback([1, 2], step_factor=1, evaluate=False)
+    saver = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    fit(task, [callback, saver], max_epochs=3, enable_checkpointing=True)
+    assert n_steps(task) == [1, 1, 1] and [r.n_basis for r in task.model.resolution] == [4, 4, 4]
+    assert callback.level == 2
+    assert callback.state_key == "DepthRefinementCallback{'refine_at': [1, 2], 'step_factor': 1}"
+    resumed_task, resumed = make_task(), DepthRefinementCallback([1, 2], step_factor=1, evaluate=False)
+    trainer = pl.Trainer(**trainer_options(callbacks=[resumed], max_epochs=3))
+    trainer.fit(resumed_task, datamodule=TinyDigits(), ckpt_path=tmp_path / "epoch=1.ckpt")
+    assert [r.n_basis for r in resumed_task.model.resolution] == [4, 4, 4] and resumed.level == 2
+    assert [entry["epoch"] for entry in resumed.history] == [1, 2]
+    legacy = DepthRefinementCallback([1, 2])
+    legacy.load_state_dict({"history": [{"epoch": 1, "level": 1}], "base_n_steps": [[1, 1, 1]]})  # as 0.2.0 saved it
+    assert legacy.level == 1
+
+
 def test_checkpoint_loads_with_load_from_checkpoint_and_load_state_dict(uninterrupted):
     path = uninterrupted.root / "epoch=3.ckpt"
     checkpoint = torch.load(path, weights_only=False)

@@ -41,7 +41,7 @@ from lightning_cnet.analysis.convergence import convergence_study
 from lightning_cnet.analysis.depth_profile import depth_profile
 from lightning_cnet.analysis.evaluation import Batches, as_batches
 from lightning_cnet.analysis.export import export_onnx, export_program
-from lightning_cnet.analysis.manifestation import check_sweep_arguments, manifestation_sweep
+from lightning_cnet.analysis.manifestation import check_sweep_arguments, default_schemes, manifestation_sweep
 from lightning_cnet.analysis.plots import (
     plot_compression,
     plot_convergence,
@@ -58,7 +58,7 @@ from lightning_cnet.cost import (
     check_export_evaluations,
     check_step_count,
 )
-from lightning_cnet.integrators import get_scheme, list_schemes
+from lightning_cnet.integrators import get_scheme
 from lightning_cnet.metrics_reader import read_scalars
 
 PROG = "lightning-cnet-analyze"
@@ -444,7 +444,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"{PROG} {lightning_cnet.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    schemes = f"schemes (default: all registered: {', '.join(list_schemes())})"
+    schemes = f"schemes (default: all registered but the embedded pairs: {', '.join(default_schemes())})"
 
     def study(name: str, help_text: str, *, many: bool = False, data: bool = True) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)

@@ -62,21 +62,21 @@ def depth_profile(model: ContinuousNet, *, label: str = "") -> tuple[list[dict[s
 
     Returns:
         ``(pieces, stages)``: rows ``label, stage, tensor, piece, t_start, t_end, norm, relative_jump`` (to the next
-        piece; ``nan`` for the last) and rows ``label, stage, n_basis, basis, mean_relative_jump, gates`` (the gate
+        piece; ``nan`` for the last), ``[t_start, t_end]`` the part of depth the piece describes
+        (:meth:`~lightning_cnet.bases.Basis.coefficient_spans`: its interval, its node, or all of ``[0, 1]`` for a
+        Legendre mode) and rows ``label, stage, n_basis, basis, mean_relative_jump, gates`` (the gate
         values ``s_k`` joined by spaces, empty without skip-init).
     """
     piece_rows: list[dict[str, Any]] = []
     stage_rows: list[dict[str, Any]] = []
     for index, stage in enumerate(model.stages):
         resolution = stage.resolution
-        points = [float(p) for p in stage.basis.interpolation_points(resolution.n_basis)]
-        width = 1.0 / resolution.n_basis
+        spans = [(float(start), float(end)) for start, end in stage.basis.coefficient_spans(resolution.n_basis)]
         named = _time_parameters(stage)
         for name, pieces in named.items():
             jumps = _relative_jumps(pieces) + [math.nan]
             for k, (piece, jump) in enumerate(zip(pieces, jumps)):
-                start, end = (points[k] - width / 2, points[k] + width / 2) if resolution.basis == "piecewise_constant" \
-                    else (points[k], points[k])
+                start, end = spans[k]
                 piece_rows.append({"label": label, "stage": index, "tensor": name, "piece": k, "t_start": start,
                                    "t_end": end, "norm": piece.norm().item(), "relative_jump": jump})
         stacked = [torch.cat([pieces[k].flatten() for pieces in named.values()]) for k in range(resolution.n_basis)]

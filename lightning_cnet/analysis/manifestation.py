@@ -16,6 +16,11 @@ solution of the ODE. The check starts from
 the row at ``(reference scheme, M)`` when the sweep has it, and is made for each BatchNorm setting (with statistics
 re-estimated at each candidate). The step count used is the ``reference_steps`` column.
 
+**Adaptive steps.** ``integrators=[AdaptiveRK("dopri5", rtol=1e-3), ...]`` adds a row per integrator, evaluated with
+the steps it chooses to its tolerances (as trained only: BatchNorm statistics cannot be re-estimated while steps are
+rejected); those rows carry ``n_steps`` ``None``, their ``rtol`` and ``atol`` (columns every row then has) and, like
+every row, the residual evaluations of their last forward pass (``function_evaluations``): accuracy against cost.
+
 **Cost.** Rows are evaluated in place (no copies of the model; re-estimated statistics are put back afterwards),
 without gradients, and the progress bar counts residual evaluations times images, the reference included.
 
@@ -41,6 +46,7 @@ from typing import Any
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_cnet.adaptive import AdaptiveRK
 from lightning_cnet.analysis._progress import add_work, pass_work, work_bar
 from lightning_cnet.analysis.evaluation import Batch, evaluate_with_outputs
 from lightning_cnet.batches import batch_size
@@ -74,12 +80,24 @@ def trained_manifestation(model: ContinuousNet) -> tuple[str, int] | None:
     return pairs.pop() if len(pairs) == 1 else None
 
 
-def check_sweep_arguments(schemes: Sequence[str], n_steps: Sequence[int]) -> None:
-    """Raise ``ValueError`` for an unknown scheme or a step count < 1 (before any work)."""
+def default_schemes() -> list[str]:
+    """The schemes a sweep takes by default: every registered one but the embedded pairs (``bosh3``, ``dopri5``: their
+    place is adaptive steps; name them to sweep them with fixed steps)."""
+    return [name for name in list_schemes() if not get_scheme(name).has_error_estimate]
+
+
+def check_sweep_arguments(schemes: Sequence[str], n_steps: Sequence[int],
+                          integrators: Sequence[Any] = ()) -> None:
+    """Raise ``ValueError`` for an unknown scheme, a step count < 1 or an integrator that is not an
+    :class:`~lightning_cnet.adaptive.AdaptiveRK` (before any work)."""
     for scheme in schemes:
         get_scheme(scheme)
     for steps in n_steps:
         validate_n_steps(steps)
+    for integrator in integrators:
+        if not isinstance(integrator, AdaptiveRK):
+            raise ValueError(f"integrators: {integrator!r} is not valid: expected AdaptiveRK instances (fixed steps "
+                             "are swept by schemes and n_steps)")
 
 
 def relative_distance(values: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:
@@ -126,6 +144,15 @@ class _Evaluator:
             if mode == RECALIBRATED:
                 recalibrate_bn(self.model, self.recalibration)
             result = self.evaluate()
+        self.bar.update(work)
+        return result
+
+    def adaptive(self, integrator: AdaptiveRK) -> tuple[dict[str, float], list[torch.Tensor]]:
+        """Metrics and logits with the steps ``integrator`` chooses, as trained."""
+        with self.model.manifestation(integrator=integrator):
+            result = self.evaluate()
+            work = self.work(AS_TRAINED)  # known once the steps are chosen
+        add_work(self.bar, work)
         self.bar.update(work)
         return result
 
@@ -180,14 +207,16 @@ def manifestation_sweep(
     reference_rtol: float = 1e-4,
     recalibration: Sequence[Any] | None = None,
     recalibration_batches: int | None = None,
+    integrators: Sequence[AdaptiveRK] = (),
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Evaluate ``model`` at every (scheme, step count); the model is left as it was.
+    """Evaluate ``model`` at every (scheme, step count), and with every adaptive integrator; the model is left as it
+    was.
 
     Args:
         model: a trained ContinuousNet.
         batches: materialised evaluation batches (:func:`~lightning_cnet.analysis.as_batches`).
-        schemes: scheme names (default: every registered scheme).
+        schemes: scheme names (default: :func:`default_schemes`).
         n_steps: step counts per stage (default: :func:`step_grid` up to twice the largest trained count).
         reference_scheme: scheme of the fine reference the logits are compared with.
         reference_steps: its step count (default: chosen by the convergence check of this module's docstring).
@@ -195,14 +224,18 @@ def manifestation_sweep(
         recalibration: unlabeled batches (tensors or ``(inputs, targets)``); if given, every manifestation is also
             evaluated with BatchNorm statistics re-estimated at it.
         recalibration_batches: use at most this many of them.
+        integrators: :class:`~lightning_cnet.adaptive.AdaptiveRK` instances, one row each (see the module's notes).
         progress: show a progress bar (of residual evaluations times images).
 
     Returns:
         One row per evaluation: ``scheme`` (``"stages_off"`` for the baseline, with ``n_steps`` 0), ``n_steps``,
         ``bn`` (``"as trained"`` or ``"recalibrated"``), ``trained`` (the training manifestation), the keys of
-        :func:`~lightning_cnet.analysis.evaluate` and ``reference_steps`` (the reference's step count).
+        :func:`~lightning_cnet.analysis.evaluate` and ``reference_steps`` (the reference's step count); with
+        ``integrators``, ``rtol`` and ``atol`` too (``None`` for fixed steps).
     """
-    schemes = list(schemes) if schemes is not None else list_schemes()
+    schemes = list(schemes) if schemes is not None else default_schemes()
+    integrators = list(integrators)
+    check_sweep_arguments([], [], integrators)
     largest_trained = max(r.n_steps for r in model.resolution)
     n_steps = list(n_steps) if n_steps is not None else step_grid(2 * largest_trained)
     check_sweep_arguments([*schemes, reference_scheme], [*n_steps, *([reference_steps] if reference_steps else [])])
@@ -224,6 +257,7 @@ def manifestation_sweep(
         off = evaluator.evaluate()
         bar.update(evaluator.work(AS_TRAINED))
     results = {key: evaluator(*key) for key in grid}
+    adaptive = [evaluator.adaptive(integrator) for integrator in integrators]
 
     references: dict[str, tuple[int, list[torch.Tensor]]] = {}
     largest = max(n_steps)
@@ -236,11 +270,16 @@ def manifestation_sweep(
                                               reference_rtol)
     bar.close()
 
-    def row(scheme: str, steps: int, mode: str, result: tuple[dict[str, float], list[torch.Tensor]]) -> dict:
+    def row(scheme: str, steps: int | None, mode: str, result: tuple[dict[str, float], list[torch.Tensor]],
+            integrator: AdaptiveRK | None = None) -> dict[str, Any]:
         metrics, logits = result
         reference_n, reference = references[mode]
-        return {"scheme": scheme, "n_steps": steps, "bn": mode, "trained": (scheme, steps) == trained,
+        tolerances = {} if not integrators else {"rtol": integrator and integrator.rtol,
+                                                 "atol": integrator and integrator.atol}
+        return {"scheme": scheme, "n_steps": steps, "bn": mode, "trained": (scheme, steps) == trained, **tolerances,
                 **metrics, "logit_distance": relative_distance(logits, reference), "reference_steps": reference_n}
 
-    return [row("stages_off", 0, AS_TRAINED, off)] + [row(scheme, steps, mode, results[mode, scheme, steps])
-                                                      for mode, scheme, steps in grid]
+    return ([row("stages_off", 0, AS_TRAINED, off)]
+            + [row(scheme, steps, mode, results[mode, scheme, steps]) for mode, scheme, steps in grid]
+            + [row(integrator.name, None, AS_TRAINED, result, integrator)
+               for integrator, result in zip(integrators, adaptive)])
