@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import prune
 
+from lightning_cnet._validation import check_integer
 from lightning_cnet.callbacks._instances import (
     adopt_saved_state,
     others_of_kind,
@@ -240,18 +241,13 @@ class DepthRefinementMixin:
             self.schedule = RefinementSchedule(refine_at, max_refinements=max_refinements)
         self._key_settings = {"refine_at": stable_description(refine_at), "max_refinements": max_refinements,
                               "max_n_steps": max_n_steps}
-        if max_n_steps is not None and (isinstance(max_n_steps, bool) or not isinstance(max_n_steps, int)
-                                        or max_n_steps < 1):
-            raise ValueError(f"max_n_steps={max_n_steps!r} must be None or an integer >= 1")
+        check_integer("max_n_steps", max_n_steps, optional=True)
         if optimizer_state not in ("interpolate", "reset"):
             raise ValueError(f"optimizer_state={optimizer_state!r} is not known: expected 'interpolate' or 'reset'")
         check_noise_std(noise_std)
-        if eval_batches is not None and (not isinstance(eval_batches, int) or eval_batches < 1):
-            raise ValueError(f"eval_batches={eval_batches!r} must be None or an integer >= 1")
+        check_integer("eval_batches", eval_batches, optional=True)
         self.measure = ValidationMetric(monitor, metric, eval_batches)
-        if isinstance(recalibration_batches, bool) or not isinstance(recalibration_batches, int) or (
-                recalibration_batches < 1):
-            raise ValueError(f"recalibration_batches={recalibration_batches!r} must be an integer >= 1")
+        check_integer("recalibration_batches", recalibration_batches)
         self.max_n_steps = max_n_steps
         self.optimizer_state = optimizer_state
         self.noise_std = float(noise_std)

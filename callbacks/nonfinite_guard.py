@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from lightning_cnet._validation import check_integer
 from lightning_cnet.callbacks._instances import adopt_saved_state, others_of_kind, settings_state_key
 
 if TYPE_CHECKING:
@@ -524,9 +525,8 @@ class NonFiniteGuardMixin:
         super().__init__()
         if on_nonfinite not in ("stop", "rollback"):
             raise ValueError(f"on_nonfinite={on_nonfinite!r} is not known: expected 'stop' or 'rollback'")
-        for name, value in (("max_rollbacks", max_rollbacks), ("check_every_n_steps", check_every_n_steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        check_integer("max_rollbacks", max_rollbacks)
+        check_integer("check_every_n_steps", check_every_n_steps)
         if isinstance(lr_factor, bool) or not isinstance(lr_factor, (int, float)) or not 0 < lr_factor <= 1:
             raise ValueError(f"lr_factor={lr_factor!r} must be a number in (0, 1] (0.5 halves the learning rate)")
         self.on_nonfinite = on_nonfinite

@@ -128,7 +128,7 @@ class LrJump(pl.Callback):
 # ---------------------------------------------------------------------- construction
 @pytest.mark.parametrize("kwargs, message", [
     ({"on_nonfinite": "skip"}, "on_nonfinite='skip' is not known"),
-    ({"max_rollbacks": 0}, "max_rollbacks=0 must be an integer >= 1"),
+    ({"max_rollbacks": 0}, "max_rollbacks=0 is not valid: expected an integer >= 1"),
     ({"max_rollbacks": 1.5}, "max_rollbacks=1.5"),
     ({"max_rollbacks": True}, "max_rollbacks=True"),
     ({"check_every_n_steps": 0}, "check_every_n_steps=0"),

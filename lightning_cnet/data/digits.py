@@ -17,8 +17,9 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler, TensorDataset
 
-from lightning_cnet.data._common import SplitDataMixin, check_positive
-from lightning_cnet.data.sampling import EpochKeySampler, EpochSampler, Stream, check_seed, derived_seed
+from lightning_cnet._validation import check_integer
+from lightning_cnet.data._common import SplitDataMixin
+from lightning_cnet.data.sampling import EpochKeySampler, EpochSampler, Stream, derived_seed
 
 __all__ = ["AffineNoise", "DigitsDataMixin", "HardDigitsDataMixin"]
 
@@ -86,10 +87,10 @@ class DigitsDataMixin(SplitDataMixin):
 
     def __init__(self, *, image_size: int = 16, batch_size: int = 64, seed: int = 0, num_workers: int = 0) -> None:
         super().__init__()
-        check_positive(image_size=image_size, batch_size=batch_size)
-        check_seed(seed)
-        if num_workers < 0:
-            raise ValueError(f"`num_workers` must be >= 0, got {num_workers}")
+        check_integer("image_size", image_size)
+        check_integer("batch_size", batch_size)
+        check_integer("seed", seed, minimum=0)
+        check_integer("num_workers", num_workers, minimum=0)
         self.save_hyperparameters()
         self.split_indices: dict[str, np.ndarray] | None = None
         self.mean: float | None = None
