@@ -54,6 +54,7 @@ from lightning_cnet.recalibration import recalibrate_bn
 from lightning_cnet.callbacks.quick_eval import Measurement, MetricFunction, ValidationMetric, training_inputs
 from lightning_cnet.evaluation import defines
 from lightning_cnet.callbacks.schedule import PlateauSchedule, RefineAt, RefinementSchedule
+from lightning_cnet._namespace import lightning_class
 
 if TYPE_CHECKING:
     from lightning_cnet._namespace import Namespace
@@ -115,6 +116,7 @@ def _refuse_non_finite(pl_module: nn.Module, epoch: int) -> None:
         )
 
 
+@lightning_class("DepthRefinementCallback", base="Callback")
 class DepthRefinementMixin:
     """Refine ContinuousNet models at scheduled epochs during ``trainer.fit``.
 

@@ -18,11 +18,13 @@ from lightning_cnet.callbacks._instances import others_of_kind, settings_state_k
 from lightning_cnet.callbacks.depth_refinement import refinable_modules
 from lightning_cnet.callbacks.quick_eval import MetricFunction, ValidationMetric
 from lightning_cnet.integrators import get_scheme, validate_n_steps
+from lightning_cnet._namespace import lightning_class
 
 if TYPE_CHECKING:
     from lightning_cnet._namespace import Namespace
 
 
+@lightning_class("ManifestationMonitor", base="Callback")
 class ManifestationMonitorMixin:
     """Log the module's validation metric at other manifestations of the model as it trains.
 

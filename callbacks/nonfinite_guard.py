@@ -31,6 +31,7 @@ from lightning_cnet.callbacks.finite import (
     nonfinite_names,
 )
 from lightning_cnet.callbacks.snapshot import TrainingStateSnapshot, scale_learning_rates
+from lightning_cnet._namespace import lightning_class
 
 if TYPE_CHECKING:
     from lightning_cnet._namespace import Namespace
@@ -134,6 +135,7 @@ def _listed(names: Sequence[str]) -> str:
 
 
 # ---------------------------------------------------------------------- the callback
+@lightning_class("NonFiniteGuard", base="Callback")
 class NonFiniteGuardMixin:
     """Stop training, or roll it back, when the loss, a gradient, a parameter, a buffer or the optimizer state is
     not finite; never let a checkpoint be written from such a state.

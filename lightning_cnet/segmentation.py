@@ -20,6 +20,7 @@ from lightning_cnet._validation import check_integer
 from lightning_cnet.batches import model_input
 from lightning_cnet.models import ContinuousNet
 from lightning_cnet.task import BackboneTask, build_backbone
+from lightning_cnet._namespace import lightning_class
 
 SPLITS = ("train", "val", "test")
 
@@ -62,6 +63,7 @@ def _resized(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+@lightning_class("ContinuousNetSegmenter", base="LightningModule", home="lightning_cnet.module")
 class SegmentationTask(BackboneTask):
     """Semantic segmentation with a ContinuousNet backbone (mix with a ``LightningModule`` class).
 

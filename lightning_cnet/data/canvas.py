@@ -17,6 +17,7 @@ from lightning_cnet._validation import check_integer
 from lightning_cnet.data._common import SplitDataMixin
 from lightning_cnet.data.digits import _split_indices
 from lightning_cnet.data.sampling import EpochSampler
+from lightning_cnet._namespace import lightning_class
 
 __all__ = ["DigitCanvasDataMixin", "SegmentationDataset", "digit_canvases"]
 
@@ -83,6 +84,7 @@ class SegmentationDataset(Dataset):
         return {"image": self.images[index], "mask": self.masks[index]}
 
 
+@lightning_class("DigitCanvasDataModule", base="LightningDataModule")
 class DigitCanvasDataMixin(SplitDataMixin):
     """Semantic segmentation of handwritten digits placed on a canvas: 11 classes (background and the digits 0-9).
 

@@ -20,6 +20,7 @@ from lightning_cnet.data._common import (
     TransformedSubset,
     seeded_split,
 )
+from lightning_cnet._namespace import lightning_class
 
 __all__ = ["CIFAR10DataMixin", "CIFAR100DataMixin"]
 
@@ -170,6 +171,7 @@ class _CIFARDataMixin(SplitDataMixin):
         return self._loader(self.test_dataset)
 
 
+@lightning_class("CIFAR10DataModule", base="LightningDataModule")
 class CIFAR10DataMixin(_CIFARDataMixin):
     """CIFAR-10 (32x32 colour images, 10 classes) through torchvision.
 
@@ -220,6 +222,7 @@ class CIFAR10DataMixin(_CIFARDataMixin):
     std = (0.2470, 0.2435, 0.2616)
 
 
+@lightning_class("CIFAR100DataModule", base="LightningDataModule")
 class CIFAR100DataMixin(_CIFARDataMixin):
     """CIFAR-100 (32x32 colour images, 100 fine classes) through torchvision.
 

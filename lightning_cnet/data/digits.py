@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, Sampler, TensorDataset
 from lightning_cnet._validation import check_integer
 from lightning_cnet.data._common import SplitDataMixin
 from lightning_cnet.data.sampling import EpochKeySampler, EpochSampler, Stream, derived_seed
+from lightning_cnet._namespace import lightning_class
 
 __all__ = ["AffineNoise", "DigitsDataMixin", "HardDigitsDataMixin"]
 
@@ -52,6 +53,7 @@ def _load_split(image_size: int) -> tuple[dict[str, np.ndarray], dict[str, tuple
     return indices, splits
 
 
+@lightning_class("DigitsDataModule", base="LightningDataModule")
 class DigitsDataMixin(SplitDataMixin):
     """scikit-learn's 8x8 handwritten digits (1797 images, 10 classes), held in memory.
 
@@ -215,6 +217,7 @@ class _EpochDistortedDataset(Dataset):
         return self.epoch_images(epoch)[index], self.labels[index]
 
 
+@lightning_class("HardDigitsDataModule", base="LightningDataModule", parent="DigitsDataModule")
 class HardDigitsDataMixin(DigitsDataMixin):
     """The digits made hard enough to separate methods: upsampled, distorted and noisy.
 

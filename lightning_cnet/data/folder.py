@@ -18,6 +18,7 @@ from lightning_cnet.data._common import (
     TransformedSubset,
     seeded_split,
 )
+from lightning_cnet._namespace import lightning_class
 
 __all__ = ["ImageFolderDataMixin"]
 
@@ -45,6 +46,7 @@ class _FixedClassFolder(datasets.ImageFolder):
         return classes, dict(self._given_class_to_idx)
 
 
+@lightning_class("ImageFolderDataModule", base="LightningDataModule")
 class ImageFolderDataMixin(SplitDataMixin):
     """Images in class folders, read with torchvision's ``ImageFolder``.
 

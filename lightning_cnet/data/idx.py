@@ -30,6 +30,7 @@ from lightning_cnet.data._common import (
     seeded_split,
 )
 from lightning_cnet.data.sampling import EpochKeySampler, EpochSampler
+from lightning_cnet._namespace import lightning_class
 
 __all__ = ["IDX_DATASETS", "IDXDataMixin", "IDXDataset", "read_idx"]
 
@@ -112,6 +113,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
+@lightning_class("IDXDataModule", base="LightningDataModule")
 class IDXDataMixin(SplitDataMixin):
     """Fashion-MNIST, MNIST, KMNIST or any dataset stored as the four IDX files, held in memory.
 
