@@ -51,6 +51,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lightning_cnet import MLPUnit, odeint_fixed
+from lightning_cnet._validation import check_integer
 from lightning_cnet.integrators import get_scheme, rk_step
 
 #: Node weights of a one-piece (autonomous) field: piece 0 with weight 1 at every time.
@@ -145,8 +146,7 @@ def build_vector_field(hidden: int = 50) -> nn.Module:
         >>> build_vector_field()(torch.zeros(3, 2, dtype=torch.float64)).shape
         torch.Size([3, 2])
     """
-    if hidden < 1:
-        raise ValueError(f"hidden={hidden!r} is not valid: expected an integer >= 1")
+    check_integer("hidden", hidden)
     return LearnedField(hidden).to(torch.float64)
 
 
@@ -198,9 +198,7 @@ class TrainingConfig:
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}={value!r} is not valid: expected a positive number")
         for name in ("iterations", "n_pairs", "hidden"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} is not valid: expected an integer >= 1")
+            check_integer(name, getattr(self, name))
         low, high = self.theta0_range
         if not 0 < low < high < math.pi:
             raise ValueError(f"theta0_range={self.theta0_range!r} is not valid: expected 0 < low < high < pi")

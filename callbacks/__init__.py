@@ -1,8 +1,10 @@
 """Lightning callbacks for ContinuousNet models, installed as ``lightning_cnet.callbacks``.
 
 The callbacks here are the ``pytorch_lightning`` ones; ``lightning_cnet.lightning`` has the same callbacks for
-``lightning.pytorch``. They are imported on first access, so that importing a helper of this package (or the
-``lightning.pytorch`` twins) does not import ``pytorch_lightning``.
+``lightning.pytorch``. Each is written once as a namespace-free mixin in its own module and registered with
+:func:`~lightning_cnet._namespace.lightning_class`; this package imports its modules and makes a callback concrete on
+first access, so that importing a helper of this package (or the ``lightning.pytorch`` twins) does not import
+``pytorch_lightning``.
 
 Example:
     >>> from lightning_cnet.callbacks import DepthRefinementCallback
@@ -12,9 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
-
+from lightning_cnet._namespace import import_submodules, module_getattr, registered_names
 from lightning_cnet.callbacks.depth_refinement import DepthRefinementMixin, is_refinable, refinable_modules
 from lightning_cnet.callbacks.manifestation_monitor import ManifestationMonitorMixin
 from lightning_cnet.callbacks.nonfinite_guard import NonFiniteError, NonFiniteGuardMixin
@@ -22,18 +22,11 @@ from lightning_cnet.callbacks.optimizer_surgery import replace_parameters, stale
 from lightning_cnet.callbacks.quick_eval import Measurement, ValidationMetric, validation_metrics
 from lightning_cnet.callbacks.schedule import PlateauSchedule, RefinementSchedule
 
-#: Callbacks made concrete for ``pytorch_lightning``, imported on first access.
-_PYTORCH_LIGHTNING_CALLBACKS = ("DepthRefinementCallback", "ManifestationMonitor", "NonFiniteGuard")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _PYTORCH_LIGHTNING_CALLBACKS:
-        return getattr(import_module("lightning_cnet.callbacks._pytorch_lightning"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+import_submodules(__name__, __path__)  # every callback module registers its callback
+__getattr__ = module_getattr(__name__)
 
 __all__ = [
-    *_PYTORCH_LIGHTNING_CALLBACKS,
+    *registered_names(__name__),
     "DepthRefinementMixin",
     "Measurement",
     "ManifestationMonitorMixin",

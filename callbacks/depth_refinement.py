@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import prune
 
+from lightning_cnet._validation import check_integer
 from lightning_cnet.callbacks._instances import (
     adopt_saved_state,
     others_of_kind,
@@ -54,6 +55,7 @@ from lightning_cnet.recalibration import recalibrate_bn
 from lightning_cnet.callbacks.quick_eval import Measurement, MetricFunction, ValidationMetric, training_inputs
 from lightning_cnet.evaluation import defines
 from lightning_cnet.callbacks.schedule import PlateauSchedule, RefineAt, RefinementSchedule
+from lightning_cnet._namespace import lightning_class
 
 if TYPE_CHECKING:
     from lightning_cnet._namespace import Namespace
@@ -114,6 +116,7 @@ def _refuse_non_finite(pl_module: nn.Module, epoch: int) -> None:
         )
 
 
+@lightning_class("DepthRefinementCallback", base="Callback")
 class DepthRefinementMixin:
     """Refine ContinuousNet models at scheduled epochs during ``trainer.fit``.
 
@@ -251,19 +254,14 @@ class DepthRefinementMixin:
             self.schedule = RefinementSchedule(refine_at, max_refinements=max_refinements)
         self._key_settings = {"refine_at": stable_description(refine_at), "max_refinements": max_refinements,
                               "max_n_steps": max_n_steps, "step_factor": step_factor}
-        if max_n_steps is not None and (isinstance(max_n_steps, bool) or not isinstance(max_n_steps, int)
-                                        or max_n_steps < 1):
-            raise ValueError(f"max_n_steps={max_n_steps!r} must be None or an integer >= 1")
+        check_integer("max_n_steps", max_n_steps, optional=True)
         check_integer("step_factor", step_factor)
         if optimizer_state not in ("interpolate", "reset"):
             raise ValueError(f"optimizer_state={optimizer_state!r} is not known: expected 'interpolate' or 'reset'")
         check_noise_std(noise_std)
-        if eval_batches is not None and (not isinstance(eval_batches, int) or eval_batches < 1):
-            raise ValueError(f"eval_batches={eval_batches!r} must be None or an integer >= 1")
+        check_integer("eval_batches", eval_batches, optional=True)
         self.measure = ValidationMetric(monitor, metric, eval_batches)
-        if isinstance(recalibration_batches, bool) or not isinstance(recalibration_batches, int) or (
-                recalibration_batches < 1):
-            raise ValueError(f"recalibration_batches={recalibration_batches!r} must be an integer >= 1")
+        check_integer("recalibration_batches", recalibration_batches)
         self.max_n_steps = max_n_steps
         self.step_factor = step_factor
         self.optimizer_state = optimizer_state

@@ -13,15 +13,18 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from lightning_cnet._validation import check_integer
 from lightning_cnet.callbacks._instances import others_of_kind, settings_state_key
 from lightning_cnet.callbacks.depth_refinement import refinable_modules
 from lightning_cnet.callbacks.quick_eval import MetricFunction, ValidationMetric
 from lightning_cnet.integrators import get_scheme, validate_n_steps
+from lightning_cnet._namespace import lightning_class
 
 if TYPE_CHECKING:
     from lightning_cnet._namespace import Namespace
 
 
+@lightning_class("ManifestationMonitor", base="Callback")
 class ManifestationMonitorMixin:
     """Log the module's validation metric at other manifestations of the model as it trains.
 
@@ -90,9 +93,8 @@ class ManifestationMonitorMixin:
         super().__init__()
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"prefix={prefix!r} must be a non-empty string (the metrics are '{{prefix}}/...')")
-        for name, value in (("every_n_epochs", every_n_epochs), ("num_batches", num_batches)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        check_integer("every_n_epochs", every_n_epochs)
+        check_integer("num_batches", num_batches)
         for scheme in schemes:
             get_scheme(scheme)
         for steps in n_steps or ():

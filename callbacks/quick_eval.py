@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from lightning_cnet._validation import check_integer
 from lightning_cnet.batches import model_input
 from lightning_cnet.evaluation import chosen_metric, defines, evaluation_mode, measure_validation, metric_states_kept
 
@@ -139,9 +140,7 @@ class ValidationMetric:
             raise ValueError(f"monitor={monitor!r} must be None or the name of a logged quantity")
         if metric is not None and not callable(metric):
             raise ValueError(f"metric={metric!r} must be None or a callable (trainer, pl_module) -> value")
-        if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
-                                        or max_batches < 1):
-            raise ValueError(f"max_batches={max_batches!r} must be None or an integer >= 1")
+        check_integer("max_batches", max_batches, optional=True)
         self.monitor = monitor
         self.metric = metric
         self.max_batches = max_batches

@@ -20,6 +20,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from lightning_cnet._validation import check_integer
+
 
 RefineAt = int | float | Sequence[int | float] | Callable[[int], bool]
 """An epoch, a fraction of ``max_epochs``, a list of them, or a callable ``epoch -> bool``."""
@@ -53,10 +55,7 @@ class RefinementSchedule:
     """
 
     def __init__(self, refine_at: RefineAt, *, max_refinements: int | None = None) -> None:
-        if max_refinements is not None and (
-            isinstance(max_refinements, bool) or not isinstance(max_refinements, int) or max_refinements < 0
-        ):
-            raise ValueError(f"max_refinements={max_refinements!r} must be None or an integer >= 0")
+        check_integer("max_refinements", max_refinements, minimum=0, optional=True)
         self.max_refinements = max_refinements
         self._callable: Callable[[int], bool] | None = None
         self._entries: list[int | float] = []
@@ -181,15 +180,11 @@ class PlateauSchedule:
             raise ValueError(f"monitor={monitor!r} must be the name of a logged metric")
         if mode not in ("max", "min"):
             raise ValueError(f"mode={mode!r} is not known: expected 'max' or 'min'")
-        for name, value, low in (("patience", patience, 1), ("cooldown", cooldown, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+        check_integer("patience", patience, minimum=1)
+        check_integer("cooldown", cooldown, minimum=0)
         if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not min_delta >= 0:
             raise ValueError(f"min_delta={min_delta!r} must be a number >= 0")
-        if max_refinements is not None and (
-            isinstance(max_refinements, bool) or not isinstance(max_refinements, int) or max_refinements < 0
-        ):
-            raise ValueError(f"max_refinements={max_refinements!r} must be None or an integer >= 0")
+        check_integer("max_refinements", max_refinements, minimum=0, optional=True)
         self.monitor = monitor
         self.mode = mode
         self.patience = patience

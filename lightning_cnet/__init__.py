@@ -6,8 +6,8 @@ is plain PyTorch; Lightning is imported only by the task, data and callback modu
 ``import lightning_cnet`` itself imports neither torch nor Lightning: the public names below (and the submodules)
 are imported on first access, so that the command-line entry points answer ``--help`` and ``--version`` at once.
 
-timm finds the model builders after ``import lightning_cnet`` (:mod:`lightning_cnet.timm_support`); timm itself is
-imported only by whoever imports it.
+timm learns the model builders from :func:`lightning_cnet.timm_support.register_timm_models`; when timm is already
+imported, ``import lightning_cnet`` registers them too. timm itself is imported only by whoever imports it.
 
 Example:
     >>> import lightning_cnet
@@ -17,11 +17,9 @@ Example:
 
 from __future__ import annotations
 
-import importlib.abc
 import importlib.util
 import sys
 from importlib import import_module
-from types import ModuleType
 from typing import Any
 
 #: Public name -> the module that defines it (imported on first access).
@@ -90,41 +88,15 @@ def _installed_version() -> str:
 
 
 # ---------------------------------------------------------------------- timm
-class _TimmRegistrationOnImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: when ``timm`` is about to be imported it loads :mod:`lightning_cnet.timm_support` (and
-    with it torch, which timm imports anyway), lets it install its registration and hands the search for ``timm``
-    to what it installed; then it leaves ``sys.meta_path``."""
+def _register_with_imported_timm() -> None:
+    """Register the builders with timm if timm is already imported (it has imported torch then; nothing is imported
+    that was not). Otherwise :func:`~lightning_cnet.timm_support.register_timm_models` does it when called."""
+    if sys.modules.get("timm") is not None:
+        from lightning_cnet.timm_support import register_with_timm_quietly
 
-    def find_spec(self, fullname: str, path: Any = None, target: ModuleType | None = None) -> Any:
-        if fullname != "timm":
-            return None
-        sys.meta_path.remove(self)
-        before = list(sys.meta_path)
-        from lightning_cnet.timm_support import install_timm_registration
-
-        install_timm_registration()
-        for finder in [f for f in sys.meta_path if f not in before]:
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                return spec
-        return None
+        register_with_timm_quietly()
 
 
-def _register_with_timm() -> None:
-    """:func:`~lightning_cnet.timm_support.install_timm_registration` without importing torch before timm needs it:
-    at once when timm is already imported, when timm is imported if it is installed, never if it is absent."""
-    if "timm" in sys.modules:
-        if sys.modules["timm"] is not None:
-            from lightning_cnet.timm_support import install_timm_registration
-
-            install_timm_registration()
-        return
-    if any(isinstance(finder, _TimmRegistrationOnImport) for finder in sys.meta_path):
-        return
-    if importlib.util.find_spec("timm") is not None:
-        sys.meta_path.insert(0, _TimmRegistrationOnImport())
-
-
-_register_with_timm()
+_register_with_imported_timm()
 
 __all__ = sorted(_EXPORTS)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning_cnet._namespace import lightning_class
 
 #: ``.<final name>.<host>.<pid>.<random>.tmp``: a temporary of :func:`replace_atomically`.
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<host>[\w-]*)\.(?P<pid>\d+)\.\w+\.tmp$")
@@ -167,9 +168,11 @@ def os_error_in(error: BaseException) -> OSError | None:
     return None
 
 
+@lightning_class("AtomicCheckpointIO", base="plugins.TorchCheckpointIO", home="lightning_cnet.checkpoint_io")
 class AtomicCheckpointIOMixin:
-    """The atomic ``save_checkpoint``, written once for both Lightning namespaces (mix with their
-    ``TorchCheckpointIO``)."""
+    """Lightning's ``TorchCheckpointIO`` whose local writes are atomic (see :mod:`lightning_cnet.checkpoint_io`):
+    ``lightning_cnet.checkpoint_io.AtomicCheckpointIO`` for ``pytorch_lightning`` and ``lightning_fabric``,
+    ``lightning_cnet.lightning.AtomicCheckpointIO`` for ``lightning.pytorch``."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         """Write ``checkpoint`` to ``path`` atomically (remote paths: Lightning's own writer).

@@ -26,14 +26,10 @@ Example:
 
 from __future__ import annotations
 
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-
 from lightning_cnet._atomic import AtomicCheckpointIOMixin, is_local, save_atomically
+from lightning_cnet._namespace import module_getattr
 
-
-class AtomicCheckpointIO(AtomicCheckpointIOMixin, TorchCheckpointIO):
-    """Lightning's ``TorchCheckpointIO`` whose local writes are atomic, for ``pytorch_lightning`` and
-    ``lightning_fabric`` (``lightning_cnet.lightning.AtomicCheckpointIO`` for ``lightning.pytorch``)."""
-
+#: ``AtomicCheckpointIO``, made concrete on first access (:mod:`lightning_cnet._namespace`).
+__getattr__ = module_getattr(__name__)
 
 __all__ = ["AtomicCheckpointIO", "AtomicCheckpointIOMixin", "is_local", "save_atomically"]

@@ -19,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_cnet._validation import TRAINING_RANGES, check_ranges
 from lightning_cnet.batches import model_input
 from lightning_cnet.task import BackboneTask
+from lightning_cnet._namespace import lightning_class
 
 SPLITS = ("train", "val", "test")
 #: Backbone options the classifier also takes as its own arguments, the form of configs and checkpoints written before
@@ -27,6 +28,7 @@ FLAT_MODEL_OPTIONS = ("scheme", "n_steps", "n_basis", "basis", "T", "unit", "uni
                       "recompute_steps")
 
 
+@lightning_class("ContinuousNetClassifier", base="LightningModule", home="lightning_cnet.module")
 class ClassificationTask(BackboneTask):
     """Image classification with a ContinuousNet backbone (mix with a ``LightningModule`` class).
 

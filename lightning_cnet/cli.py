@@ -26,35 +26,40 @@ from __future__ import annotations
 
 import ast
 import csv
-import difflib
 import errno
-import inspect
-import os
 import re
-import shutil
 import signal
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from importlib import import_module
 from importlib.util import find_spec
 from pathlib import Path
-from types import MethodType
 from typing import Any, NoReturn
 
 import pytorch_lightning as pl
-import torch
 import yaml
-from torch.optim import Optimizer
 from pytorch_lightning.callbacks import BasePredictionWriter, Callback, ModelCheckpoint, ProgressBar
-from pytorch_lightning.plugins.io import CheckpointIO, TorchCheckpointIO
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, LRSchedulerTypeUnion
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.plugins.io import CheckpointIO, TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
+from torch.optim import Optimizer
 
 from lightning_cnet import __version__
-from lightning_cnet._atomic import is_local, os_error_in
+from lightning_cnet._atomic import os_error_in
+from lightning_cnet._cli_common import UsageError, error_line, exception_chain, load_checkpoint_file, one_line
+from lightning_cnet._parser_messages import condense
+from lightning_cnet._run_folders import (
+    Claim,
+    checkpoint_folder,
+    claim,
+    refuse_used_checkpoint_folders,
+    remove_unfinished,
+    run_folders,
+    shown,
+)
 from lightning_cnet._validation import TRAINER_RANGES, check_ranges
 from lightning_cnet.callbacks import refinable_modules
 from lightning_cnet.checkpoint_io import AtomicCheckpointIO
@@ -76,10 +81,6 @@ LINKED_FROM_DATA = ("num_classes", "in_chans")
 MANIFESTATION_OPTIONS = ("model", "scheme", "n_steps")
 
 
-class UsageError(Exception):
-    """A mistake in the command line, the config or the files it names; reported as one line."""
-
-
 class Interrupted(Exception):
     """The run was stopped by a signal after its checkpoints were made safe; reported as one line.
 
@@ -93,15 +94,17 @@ class Interrupted(Exception):
 
 
 class _Parser(LightningArgumentParser):
-    """A LightningArgumentParser whose errors raise :class:`UsageError` with a one-line message."""
+    """A LightningArgumentParser whose errors raise :class:`UsageError` with a one-line message (argparse's ``error``
+    hook, with jsonargparse's exception; see :mod:`lightning_cnet._parser_messages`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)  # `--trainer.max_epoch` must not pass for `max_epochs`
         super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        # jsonargparse names the parser of a subcommand whose option was not accepted on the exception
         parser = getattr(ex, "subcommand_parser", None) or self
-        raise UsageError(condense_parser_error(message, parser)) from ex
+        raise UsageError(condense(message, parser, ex)) from ex
 
 
 class PredictionCSVWriter(BasePredictionWriter):
@@ -168,6 +171,13 @@ class PredictionCSVWriter(BasePredictionWriter):
 class ContinuousNetCLI(LightningCLI):
     """LightningCLI with the project's defaults: digits data, checkpoints, links from the data to the model.
 
+    Everything it adds goes through LightningCLI's public hooks: ``parse_arguments`` checks a ``--ckpt_path`` file and
+    what the options ask of it, ``before_instantiate_classes`` checks the Trainer's values, ``instantiate_classes``
+    and ``after_instantiate_classes`` say what replacing the model's optimizer costs, ``configure_optimizers`` lets
+    ``--optimizer`` train the parameters a checkpoint gave the model, ``instantiate_trainer`` adds the run's callbacks
+    (through ``trainer_defaults``) and atomic checkpoints, ``before_<subcommand>`` claims the run's folders, and
+    ``__init__`` releases them and cleans up after bad input.
+
     Args:
         args: command line arguments (default: ``sys.argv[1:]``).
         **kwargs: any other :class:`~pytorch_lightning.cli.LightningCLI` argument.
@@ -184,16 +194,30 @@ class ContinuousNetCLI(LightningCLI):
         self._explicit_model_options = explicit_model_options(arguments, MANIFESTATION_OPTIONS)
         self._command_line_model_options = explicit_model_options(arguments, MANIFESTATION_OPTIONS, configs=False)
         self._requested_manifestation: dict[str, Any] = {}
-        super().__init__(
-            pl.LightningModule,
-            pl.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            parser_class=_Parser,
-            args=args,
-            **kwargs,
-        )
+        defaults = kwargs["trainer_defaults"].get("callbacks") or []
+        self._default_callbacks = list(defaults) if isinstance(defaults, list) else [defaults]
+        self._claim: Claim | None = None
+        try:
+            super().__init__(
+                pl.LightningModule,
+                pl.LightningDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                parser_class=_Parser,
+                args=args,
+                **kwargs,
+            )
+        except SIGTERMException:
+            raise Interrupted(_stopped_by_signal(self.trainer, "SIGTERM"), 128 + signal.SIGTERM) from None
+        except BaseException as err:
+            if self._claim is not None and is_user_error(err):
+                remove_unfinished(self._claim.created, self._claim.folders)
+            raise
+        finally:
+            if self._claim is not None:
+                self._claim.release()
 
+    # ------------------------------------------------------------------ parsing
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         """LightningCLI's parser with ``--version``."""
         parser = super().init_parser(**kwargs)
@@ -207,9 +231,10 @@ class ContinuousNetCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.mode": None})  # not given: the model's own (see checkpoint_defaults)
 
-    def _parse_ckpt_path(self) -> None:
-        """Check the ``--ckpt_path`` file and the explicit model options against it before LightningCLI reads its
-        hyperparameters into the config (which would silently replace the explicit options)."""
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then check the ``--ckpt_path`` file and the explicit model options against it, before LightningCLI
+        reads the checkpoint's hyperparameters into the config (which would silently replace the explicit options)."""
+        super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if path:
@@ -217,21 +242,30 @@ class ContinuousNetCLI(LightningCLI):
             self._requested_manifestation = requested_manifestation(
                 subcommand, stored, self._explicit_model_options, self._command_line_model_options
             )
-        super()._parse_ckpt_path()
 
+    # ------------------------------------------------------------------ building
     def before_instantiate_classes(self) -> None:
         """Check the Trainer values that Lightning accepts when it is built but fails on during the run (a negative
         ``min_epochs``, ``accumulate_grad_batches=0``, ...), before anything is built or written; fill the
         checkpoint's monitor from the model class (see :func:`checkpoint_defaults`)."""
-        config = self.config[self.subcommand] if self.subcommand else self.config
+        config = _section(self.config, self.subcommand)
         try:
             check_ranges(TRAINER_RANGES, dict((config.get("trainer") or {}).items()), prefix="trainer.")
         except ValueError as error:
             raise UsageError(str(error)) from None
         checkpoint_defaults(config)
 
+    def instantiate_classes(self) -> None:
+        """LightningCLI's, without its warning that ``--optimizer`` replaces the model's ``configure_optimizers`` when
+        no ``--lr_scheduler`` is given: :meth:`after_instantiate_classes` says it in one line, with what is lost."""
+        with warnings.catch_warnings():
+            if self._constant_rate():
+                warnings.filterwarnings("ignore", message=r".*configure_optimizers` will be overridden by")
+            super().instantiate_classes()
+
     def after_instantiate_classes(self) -> None:
-        """Reject a ``num_classes``/``in_chans`` given for the model that differs from the data's."""
+        """Reject a ``num_classes``/``in_chans`` given for the model that differs from the data's; warn when
+        ``--optimizer`` without ``--lr_scheduler`` replaces the model's optimizer and schedule."""
         for name, value in self._explicit_links.items():
             data_value = getattr(self.datamodule, name, None)
             if data_value is not None and value != data_value:
@@ -239,52 +273,90 @@ class ContinuousNetCLI(LightningCLI):
                     f"model {name}={value} does not match {type(self.datamodule).__name__}, which has "
                     f"{name}={data_value}; remove model.init_args.{name} (it is taken from the data)"
                 )
+        if self._constant_rate():
+            _warn_constant_rate(self.model)
 
-    def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
-        """LightningCLI builds ``--optimizer``/``--lr_scheduler`` at parse time from the model's parameters; let them
-        train the parameters the model has when the Trainer asks for its optimizers, i.e. after a checkpoint was
-        loaded (which may have refined the ODE stages to a finer resolution)."""
-        given = {key: bool(self._get(self.config_init, key)) for key in ("optimizer", "lr_scheduler")}
-        constant_rate = given["optimizer"] and not given["lr_scheduler"]
-        with warnings.catch_warnings():
-            if constant_rate:  # said below in one line, with what is lost
-                warnings.filterwarnings("ignore", message=r".*configure_optimizers` will be overridden by")
-            super()._add_configure_optimizers_method_to_model(subcommand)
-        configure = self.model.__dict__.get("configure_optimizers")
-        if configure is not None:
-            self.model.configure_optimizers = MethodType(_on_current_parameters(configure), self.model)
-            if constant_rate:
-                _warn_constant_rate(self.model)
+    def _constant_rate(self) -> bool:
+        """Whether ``--optimizer`` is given without ``--lr_scheduler``."""
+        config = _section(self.config, self.subcommand)
+        return bool(config.get("optimizer")) and not config.get("lr_scheduler")
 
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> pl.Trainer:
-        """Add the ``last.ckpt`` checkpoint beside the best one, the requested manifestation of a loaded checkpoint,
-        the compact progress bar (:mod:`lightning_cnet.progress_bar`, rich when ``rich`` is installed) when no other
-        progress bar is configured, the ``latest`` link to the run for ``fit``, and the CSV
-        prediction writer to ``predict`` when no prediction writer is configured."""
-        best = next((cb for cb in callbacks if isinstance(cb, ModelCheckpoint)), None)
-        if best is not None:
-            callbacks = [*callbacks, last_checkpoint(best.dirpath)]
-        if self._requested_manifestation:
-            callbacks = [*callbacks, RequestedManifestation(**self._requested_manifestation)]
-        configured = list(config.get("callbacks") or []) + list(callbacks)
-        if config.get("enable_progress_bar") is not False and not any(isinstance(cb, ProgressBar) for cb in configured):
-            callbacks = [*callbacks, CompactRichProgressBar() if find_spec("rich") else CompactTQDMProgressBar()]
-        if self.subcommand == "fit":
-            callbacks = [*callbacks, LatestRunLink()]
-        if isinstance(config.get("logger"), CSVLogger) and find_spec("tensorboard") is None:
-            _note_csv_logging()
-        if (self.subcommand == "predict" and isinstance(self.model, ClassificationTask)
-                and not any(isinstance(cb, BasePredictionWriter) for cb in configured)):
-            callbacks = [*callbacks, PredictionCSVWriter()]
+    @staticmethod
+    def configure_optimizers(
+        lightning_module: pl.LightningModule, optimizer: Optimizer, lr_scheduler: LRSchedulerTypeUnion | None = None
+    ) -> Any:
+        """LightningCLI's, on the parameters the model has when the Trainer asks for its optimizers.
+
+        LightningCLI builds ``--optimizer`` at parse time from the model's parameters; a checkpoint loaded since may
+        have refined the ODE stages to a finer resolution, with new parameters. An optimizer that has not stepped and
+        holds one param group is pointed at the model's current parameters."""
+        if not optimizer.state and len(optimizer.param_groups) == 1:
+            optimizer.param_groups[0]["params"] = list(lightning_module.parameters())
+        return LightningCLI.configure_optimizers(lightning_module, optimizer, lr_scheduler)
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        """LightningCLI's Trainer with the run's callbacks (:meth:`_run_callbacks`), Lightning's refusals of its
+        arguments as one line, and atomic checkpoint writes when ``plugins`` chose no checkpoint writer."""
+        self.trainer_defaults = {**self.trainer_defaults, "callbacks": [*self._default_callbacks,
+                                                                         *self._run_callbacks()]}
         try:
-            trainer = super()._instantiate_trainer(config, callbacks)
+            trainer = super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as error:  # Lightning's checks of the Trainer's arguments
             raise UsageError(f"trainer: {one_line(error)}") from None
-        plugins = config.get("plugins") or []
+        plugins = _section(self.config_init, self.subcommand).get("trainer", {}).get("plugins") or []
         chosen = any(isinstance(p, CheckpointIO) for p in (plugins if isinstance(plugins, list) else [plugins]))
         if not chosen and type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # plugins given without one
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+    def _run_callbacks(self) -> list[Callback]:
+        """The callbacks a run gets besides the configured ones: ``last.ckpt`` beside the best checkpoint, the requested
+        manifestation of a loaded checkpoint, the compact progress bar (:mod:`lightning_cnet.progress_bar`, rich when
+        ``rich`` is installed) when no other progress bar is configured, the ``latest`` link to the run for ``fit``,
+        and the CSV prediction writer for ``predict`` when no prediction writer is configured."""
+        config = _section(self.config_init, self.subcommand)
+        trainer = config.get("trainer") or {}
+        best = config.get("checkpoint")
+        configured = [*(trainer.get("callbacks") or []), *([best] if best is not None else [])]
+        callbacks: list[Callback] = []
+        if isinstance(best, ModelCheckpoint):
+            callbacks.append(last_checkpoint(best.dirpath))
+        if self._requested_manifestation:
+            callbacks.append(RequestedManifestation(**self._requested_manifestation))
+        if trainer.get("enable_progress_bar") is not False and not any(isinstance(cb, ProgressBar)
+                                                                         for cb in configured):
+            callbacks.append(CompactRichProgressBar() if find_spec("rich") else CompactTQDMProgressBar())
+        if self.subcommand == "fit":
+            callbacks.append(LatestRunLink())
+        if isinstance(trainer.get("logger"), CSVLogger) and find_spec("tensorboard") is None:
+            _note_csv_logging()
+        if (self.subcommand == "predict" and isinstance(self.model, ClassificationTask)
+                and not any(isinstance(cb, BasePredictionWriter) for cb in configured)):
+            callbacks.append(PredictionCSVWriter())
+        return callbacks
+
+    # ------------------------------------------------------------------ running
+    def before_fit(self) -> None:
+        self._start_run("fit")
+
+    def before_validate(self) -> None:
+        self._start_run("validate")
+
+    def before_test(self) -> None:
+        self._start_run("test")
+
+    def before_predict(self) -> None:
+        self._start_run("predict")
+
+    def _start_run(self, subcommand: str) -> None:
+        """Check the run's cost, then claim its folders: those this run creates are its own (removed again, unless
+        they hold a checkpoint, when it fails on bad input), all are locked against a second run, and a fit into a
+        folder that already holds checkpoints must resume (``--ckpt_path``). ``__init__`` releases them."""
+        self._check_cost(subcommand)
+        folders = run_folders(self.trainer, fit=subcommand == "fit")
+        self._claim = claim(folders) if rank_zero_only.rank == 0 else Claim([], [], [])
+        if subcommand == "fit":
+            refuse_used_checkpoint_folders(self.trainer, self.config[subcommand].get("ckpt_path"))
 
     def _check_cost(self, subcommand: str) -> None:
         """Estimate what the run costs before it starts (:mod:`lightning_cnet.cost`): ``fit`` trains the model at its
@@ -305,26 +377,11 @@ class ContinuousNetCLI(LightningCLI):
                 estimate = estimate_cost(net, n_steps=requested["n_steps"], scheme=requested.get("scheme"))
                 check_cost(estimate, what=f"evaluating at n_steps={requested['n_steps']}", device=device)
 
-    def _run_subcommand(self, subcommand: str) -> None:
-        """Run with the run's folders claimed: those this run creates are its own (removed again, unless they hold a
-        checkpoint, when it fails on bad input), all are locked against a second run, and a fit into a folder that
-        already holds checkpoints must resume (``--ckpt_path``); SIGTERM ends the run with status 143 after the
-        checkpoints it finished are safe."""
-        self._check_cost(subcommand)
-        folders = _run_folders(self.trainer, fit=subcommand == "fit")
-        claim = _claim(folders) if rank_zero_only.rank == 0 else _Claim([], [], [])
-        try:
-            if subcommand == "fit":
-                _refuse_used_checkpoint_folders(self.trainer, self.config[subcommand].get("ckpt_path"))
-            super()._run_subcommand(subcommand)
-        except SIGTERMException:
-            raise Interrupted(_stopped_by_signal(self.trainer, "SIGTERM"), 128 + signal.SIGTERM) from None
-        except BaseException as err:
-            if is_user_error(err):
-                _remove_unfinished(claim.created, claim.folders)
-            raise
-        finally:
-            claim.release()
+
+def _section(config: Any, subcommand: str | None) -> Any:
+    """The part of a LightningCLI config (parsed or instantiated) that belongs to ``subcommand`` (all of it without
+    one)."""
+    return config.get(subcommand, config) if subcommand else config
 
 
 def checkpoint_defaults(config: Any) -> None:
@@ -362,20 +419,6 @@ def _model_class(config: Any) -> type | None:
         return None
 
 
-def _on_current_parameters(configure: Callable[[], Any]) -> Callable[[pl.LightningModule], Any]:
-    """Wrap LightningCLI's ``configure_optimizers``: an optimizer it built at parse time holds one param group of the
-    parameters the model had then and has not stepped yet; point that group at the model's current parameters."""
-
-    def configure_optimizers(module: pl.LightningModule) -> Any:
-        result = configure()
-        for optimizer in _optimizers_in(result):
-            if not optimizer.state and len(optimizer.param_groups) == 1:
-                optimizer.param_groups[0]["params"] = list(module.parameters())
-        return result
-
-    return configure_optimizers
-
-
 @rank_zero_only
 def _warn_constant_rate(model: pl.LightningModule) -> None:
     """One line on stderr: LightningCLI's ``--optimizer`` replaces the model's ``configure_optimizers``."""
@@ -393,17 +436,6 @@ def _note_csv_logging() -> None:
     """One line on stderr: without ``tensorboard`` the run's metrics go to ``metrics.csv``."""
     sys.stderr.write(f"{PROG}: tensorboard is not installed: the metrics go to metrics.csv in the run folder "
                      "(pip install tensorboard for TensorBoard event files)\n")
-
-
-def _optimizers_in(value: Any) -> Iterator[Optimizer]:
-    if isinstance(value, Optimizer):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _optimizers_in(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _optimizers_in(item)
 
 
 def default_trainer_settings() -> dict[str, Any]:
@@ -435,6 +467,18 @@ def is_user_error(err: BaseException) -> bool:
                                                                                         "jsonargparse"))
 
 
+def reported_message(err: BaseException) -> str:
+    """What to say about the user error ``err``: for an error of jsonargparse, the package's own error it wraps
+    (jsonargparse wraps what a class raises while it builds it) or else the gist of its message; otherwise the
+    message of ``err``."""
+    if not _raised_in(err, ("jsonargparse",)):
+        return one_line(err, sys.maxsize)
+    for cause in list(exception_chain(err))[1:]:
+        if isinstance(cause, UsageError) or (is_user_error(cause) and _raised_in(cause, ("lightning_cnet.",))):
+            return one_line(cause, sys.maxsize)
+    return condense(str(err))
+
+
 def _raised_in(err: BaseException, modules: tuple[str, ...]) -> bool:
     """Whether ``err`` was raised by code of one of ``modules`` (the package's checks, or the argument parser's
     while it validates and instantiates classes)."""
@@ -444,101 +488,6 @@ def _raised_in(err: BaseException, modules: tuple[str, ...]) -> bool:
     while traceback.tb_next is not None:
         traceback = traceback.tb_next
     return traceback.tb_frame.f_globals.get("__name__", "").startswith(modules)
-
-
-def one_line(err: BaseException, limit: int = 200) -> str:
-    """The message of ``err`` on one line of at most ``limit`` characters, leading with the specific problem of a
-    parser error's list (``Errors: - ...``) rather than its generic header."""
-    lines = [part.strip() for part in str(err).splitlines() if part.strip()]
-    bullets = _meaningful_bullets(lines)
-    text = bullets[0] if bullets else " ".join(lines) or type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def condense_parser_error(message: str, parser: Any = None) -> str:
-    """Turn a (multi-line) jsonargparse error into one line that names the key and what is accepted.
-
-    Example:
-        >>> condense_parser_error('Parser key "model":\\n  Errors:\\n    - Option \\'n_stepz\\' is not accepted')
-        "model: unknown option 'n_stepz'; did you mean 'n_steps'? Accepted: model, num_classes, ..."
-    """
-    lines = [line for line in message.splitlines() if line.strip()]
-    header = re.match(r'Parser key "([\w.]+)":\s*(.*)', lines[0]) if lines else None
-    key = header.group(1) if header else ""
-    details = _meaningful_bullets(lines[1:]) or ([header.group(2)] if header and header.group(2) else [])
-    if not header:
-        text = " ".join(line.strip() for line in lines)
-        return _suggest_option(text, parser)
-    detail = details[0] if details else "invalid value"
-    unknown = re.match(r"Option '([\w.]+)' is not accepted", detail)
-    if unknown:
-        accepted = _accepted_options(key, message)
-        hint = difflib.get_close_matches(unknown.group(1), accepted, n=1)
-        text = f"{key}: unknown option {unknown.group(1)!r}"
-        text += f"; did you mean {hint[0]!r}?" if hint else ""
-        return text + (f" Accepted: {', '.join(accepted)}" if accepted else "")
-    if "Expected a dot import path" in detail or "either not accessible or invalid" in detail:
-        return f"{key}: {detail}; give the full import path of a class, e.g. --{key}.help to list the options"
-    return f"{key}: {detail}"
-
-
-def _meaningful_bullets(lines: list[str]) -> list[str]:
-    """The ``- ...`` error bullets that say something specific, each joined with its indented continuation."""
-    generic = ("Expected a <class 'NoneType'>", "Does not validate against any of the Union subtypes",
-               "Not a valid subclass of", "a class path", "a dict ", "Expected a path but")
-    bullets: list[str] = []
-    for index, line in enumerate(lines):
-        text = line.strip()
-        if not text.startswith("- ") or any(text[2:].startswith(g) for g in generic):
-            continue
-        text = text[2:]
-        if text.endswith(":") and index + 1 < len(lines) and not lines[index + 1].strip().startswith("- "):
-            text = f"{text.rstrip(':')}: {lines[index + 1].strip()}"
-        bullets.append(re.sub(r'^Parser key "([\w.]+)"', r"\1", text))
-    return bullets
-
-
-def _accepted_options(key: str, message: str) -> list[str]:
-    """Init argument names of the class that ``key`` configures (from its ``class_path`` in the message)."""
-    given = re.search(r"'class_path': '([\w.]+)'", message)
-    class_path = given.group(1) if given else {"model": DEFAULT_MODEL, "data": DEFAULT_DATA}.get(key)
-    if class_path is None:
-        return []
-    try:
-        module, name = class_path.rsplit(".", 1)
-        cls = getattr(import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return []
-    names = [p for p in _init_parameters(cls) if p not in ("self", "args", "kwargs", "backbone")]
-    return [p for p in names if not (key == "model" and p in LINKED_FROM_DATA)]
-
-
-def _init_parameters(cls: type) -> list[str]:
-    """Names of the ``__init__`` parameters of ``cls``, following ``**kwargs`` into the base classes' ``__init__`` (as
-    jsonargparse does for ``super().__init__(**kwargs)``)."""
-    names: list[str] = []
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        parameters = inspect.signature(klass.__init__).parameters
-        names += [name for name, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
-        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-            break
-    return list(dict.fromkeys(names))
-
-
-def _suggest_option(text: str, parser: Any) -> str:
-    """Add a 'did you mean' to messages about an unknown option, using the parser's known keys."""
-    unknown = re.search(r"does not accept option '([\w.]+)'|unrecognized arguments: --([\w.]+)", text)
-    if not unknown or parser is None:
-        return text
-    option = unknown.group(1) or unknown.group(2)
-    try:
-        known = [str(k) for k in parser.get_defaults().keys()]
-    except Exception:  # noqa: BLE001 - a suggestion is optional
-        return text
-    hint = difflib.get_close_matches(option, known, n=1)
-    return f"{text}; did you mean {hint[0]!r}?" if hint else text
 
 
 # ---------------------------------------------------------------------- arguments taken from the data
@@ -618,18 +567,7 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     Raises:
         UsageError: a missing, unreadable, truncated or non-Lightning file, named with its problem.
     """
-    file = Path(path)
-    if file.is_dir():
-        raise UsageError(f"{path}: is a folder, not a checkpoint file (a run keeps them in checkpoints/, e.g. "
-                         "checkpoints/last.ckpt)")
-    if not file.is_file():
-        raise UsageError(f"{path}: no such checkpoint file")
-    try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # noqa: BLE001 - whatever torch cannot read is not a checkpoint
-        raise UsageError(f"{path}: not a readable checkpoint ({one_line(error, 120)})") from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise UsageError(f"{path}: not a Lightning checkpoint (it has no state_dict)")
+    checkpoint = load_checkpoint_file(path)
     state = checkpoint["state_dict"]
     first = next((match for match in map(_STAGE_KEY.fullmatch, state) if match is not None), None)
     stages: list[StageResolution] = []
@@ -739,150 +677,16 @@ def _literal(value: str) -> Any:
         return value
 
 
-# ---------------------------------------------------------------------- run folders
-class _Claim:
-    """The folders a run writes to, those of them (and above them) it created, and its locks on them."""
-
-    def __init__(self, folders: list[Path], created: list[Path], locks: list[int]) -> None:
-        self.folders = folders
-        self.created = created
-        self.locks = locks
-
-    def release(self) -> None:
-        for descriptor in self.locks:
-            os.close(descriptor)  # closing the descriptor releases its lock
-        self.locks = []
-
-
-def _checkpoint_folder(callback: ModelCheckpoint, trainer: pl.Trainer) -> str:
-    """Where a ModelCheckpoint writes: its ``dirpath``, or the folder Lightning derives from the first logger (as
-    ``ModelCheckpoint`` does at setup); a string, so that a URL keeps its ``//``."""
-    if callback.dirpath is not None:
-        return str(callback.dirpath)
-    if trainer.loggers:
-        logger = trainer.loggers[0]
-        save_dir = logger.save_dir if logger.save_dir is not None else trainer.default_root_dir
-        version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-        return os.path.join(str(save_dir), str(logger.name), version, "checkpoints")
-    return os.path.join(str(trainer.default_root_dir), "checkpoints")
-
-
-def _run_folders(trainer: pl.Trainer, *, fit: bool) -> list[Path]:
-    """The local folders a run writes into: its log folder, and in ``fit`` its checkpoint folders (remote ones, such
-    as ``s3://...``, are neither created nor locked)."""
-    folders = [trainer.log_dir] if trainer.log_dir else []
-    if fit:
-        folders += [_checkpoint_folder(cb, trainer) for cb in trainer.checkpoint_callbacks]
-    return list(dict.fromkeys(Path(folder).absolute() for folder in folders if is_local(folder)))
-
-
-def _directories_to_be_created(folders: Sequence[Path]) -> list[Path]:
-    """The folders among ``folders`` and above them that do not exist yet, parents first."""
-    missing: list[Path] = []
-    for folder in folders:
-        path, chain = Path(folder).absolute(), []
-        while not path.exists() and path not in missing and path not in chain:
-            chain.append(path)
-            path = path.parent
-        missing += reversed(chain)
-    return missing
-
-
-def _claim(folders: list[Path]) -> _Claim:
-    """Create the run's missing folders (what this call creates is the run's own: another process creating the same
-    folder first makes it not ours) and lock each folder; a folder locked by another run is refused.
-
-    Raises:
-        UsageError: a folder cannot be created, or another lightning-cnet run is writing to one of them (of what this
-            call created, only folders still empty are removed then).
-    """
-    created = []
-    for directory in _directories_to_be_created(folders):
-        try:
-            directory.mkdir()
-        except FileExistsError:
-            continue
-        except OSError as error:
-            _remove_unfinished(created, [])
-            raise UsageError(f"{_shown(directory)}: cannot create the run's folder ({error.strerror})") from None
-        created.append(directory)
-    claim = _Claim(folders, created, [])
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no advisory locks
-        return claim
-    for folder in folders:
-        descriptor = os.open(folder, os.O_RDONLY)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(descriptor)
-            claim.release()
-            for directory in reversed(created):  # only if still empty: the other run may be about to use them
-                try:
-                    directory.rmdir()
-                except OSError:
-                    pass
-            raise UsageError(f"{_shown(folder)} is in use by another lightning-cnet run: wait for it to end, or give "
-                             "this run its own folder (--trainer.logger.init_args.version, --checkpoint.dirpath)"
-                             ) from None
-        claim.locks.append(descriptor)
-    return claim
-
-
-def _refuse_used_checkpoint_folders(trainer: pl.Trainer, ckpt_path: str | None) -> None:
-    """A fit that does not resume must not write into a checkpoint folder that holds another run's checkpoints
-    (``last.ckpt`` would be replaced, best checkpoints mixed).
-
-    Raises:
-        UsageError: such a folder, unless the fit resumes (``--ckpt_path``, or Lightning's SLURM ``hpc_ckpt``).
-    """
-    if ckpt_path or getattr(trainer._checkpoint_connector, "_hpc_resume_path", None):
-        return
-    for callback in trainer.checkpoint_callbacks:
-        if not is_local(_checkpoint_folder(callback, trainer)):
-            continue
-        folder = Path(_checkpoint_folder(callback, trainer))
-        found = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
-        if found:
-            resume = folder / "last.ckpt" if (folder / "last.ckpt").is_file() else found[-1]
-            raise UsageError(f"{_shown(folder)} already holds checkpoints of another run: resume it with --ckpt_path "
-                             f"{_shown(resume)}, or give this run its own folder (--checkpoint.dirpath)")
-
-
-def _shown(path: Path) -> str:
-    """``path`` relative to the working directory when it lies inside it (shorter messages), else absolute."""
-    relative = os.path.relpath(Path(path).absolute())
-    return str(Path(path).absolute()) if relative.startswith("..") else relative
-
-
-def _remove_unfinished(created: Sequence[Path], folders: Sequence[Path]) -> None:
-    """After a failure on bad input, remove what the run created and nothing else: its own run folders (unless it
-    saved a checkpoint there), then the folders it created above them if they are empty (another run may have put
-    its own folder inside)."""
-    run_folders = {Path(folder).absolute() for folder in folders}
-    for directory in reversed(list(created)):
-        if not directory.is_dir():
-            continue
-        if directory in run_folders:
-            if not any(directory.rglob("*.ckpt")):
-                shutil.rmtree(directory, ignore_errors=True)
-        else:
-            try:
-                directory.rmdir()
-            except OSError:  # not empty: someone else's files are inside
-                pass
-
-
+# ---------------------------------------------------------------------- stopping
 def _stopped_by_signal(trainer: pl.Trainer, name: str) -> str:
     """One line: where a run stopped by a signal stopped, and the checkpoint to resume from."""
     where = f"stopped by {name} at epoch {trainer.current_epoch}, global step {trainer.global_step}"
-    last = [Path(_checkpoint_folder(cb, trainer)) / "last.ckpt" for cb in trainer.checkpoint_callbacks
+    last = [Path(checkpoint_folder(cb, trainer)) / "last.ckpt" for cb in trainer.checkpoint_callbacks
             if isinstance(cb, LastCheckpoint)]
     saved = [path for path in last if path.is_file()]
     if not saved:
         return f"{where}; no epoch had finished, so there is no checkpoint to resume from"
-    return f"{where}; resume from the end of the last finished epoch with --ckpt_path {_shown(saved[0])}"
+    return f"{where}; resume from the end of the last finished epoch with --ckpt_path {shown(saved[0])}"
 
 
 def _is_full_disk(err: BaseException) -> bool:
@@ -899,7 +703,6 @@ def main(args: Sequence[str] | None = None) -> None:
     Args:
         args: the arguments after the program name (default: ``sys.argv[1:]``).
     """
-    prefix = f"{PROG}: error: "
     try:
         ContinuousNetCLI(args)
     except Interrupted as stop:
@@ -907,10 +710,9 @@ def main(args: Sequence[str] | None = None) -> None:
         raise SystemExit(stop.status) from None
     except Exception as err:  # noqa: BLE001 - only user errors are reported; the rest is re-raised
         if _is_full_disk(err):
-            sys.stderr.write(f"{prefix}{one_line(err, 160 - len(prefix))}; the checkpoints written before are "
-                             "intact\n")
+            sys.stderr.write(f"{error_line(PROG, err, 160)}; the checkpoints written before are intact\n")
             raise SystemExit(1) from None
         if not is_user_error(err):
             raise
-        sys.stderr.write(f"{prefix}{one_line(err, 200 - len(prefix))}\n")
+        sys.stderr.write(error_line(PROG, reported_message(err)) + "\n")
         raise SystemExit(2) from None

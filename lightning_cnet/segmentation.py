@@ -16,9 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassJaccardIndex
 
+from lightning_cnet._validation import check_integer
 from lightning_cnet.batches import model_input
 from lightning_cnet.models import ContinuousNet
 from lightning_cnet.task import BackboneTask, build_backbone
+from lightning_cnet._namespace import lightning_class
 
 SPLITS = ("train", "val", "test")
 
@@ -61,6 +63,7 @@ def _resized(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+@lightning_class("ContinuousNetSegmenter", base="LightningModule", home="lightning_cnet.module")
 class SegmentationTask(BackboneTask):
     """Semantic segmentation with a ContinuousNet backbone (mix with a ``LightningModule`` class).
 
@@ -100,11 +103,8 @@ class SegmentationTask(BackboneTask):
         ignore_index: int | None = None,
         **kwargs: Any,
     ) -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes={num_classes!r} must be an integer >= 2 (the classes of the masks, "
-                             "background included)")
-        if isinstance(decoder_channels, bool) or not isinstance(decoder_channels, int) or decoder_channels < 1:
-            raise ValueError(f"decoder_channels={decoder_channels!r} must be an integer >= 1")
+        check_integer("num_classes", num_classes, minimum=2)  # the classes of the masks, background included
+        check_integer("decoder_channels", decoder_channels)
         super().__init__(model, num_classes=num_classes, **kwargs)
         self.num_classes = num_classes
         self.ignore_index = ignore_index

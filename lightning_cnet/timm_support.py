@@ -1,9 +1,9 @@
 """ContinuousNet builders in timm's model registry: ``timm.create_model("cnet_cifar", num_classes=100)``.
 
-``import lightning_cnet`` makes every builder of :func:`lightning_cnet.list_models` known to timm without importing
-timm: when timm is already imported the builders are registered at once, when it is installed they are registered
-the moment it is imported, and when it is absent nothing happens. Builders registered with lightning_cnet after
-timm was imported are added by calling :func:`register_timm_models` again.
+:func:`register_timm_models` makes every builder of :func:`lightning_cnet.list_models` known to timm, the way timm's
+own model modules register theirs when they are imported: call it once after ``import timm``, and again after
+registering builders of your own with lightning_cnet. When timm is already imported, ``import lightning_cnet`` calls it
+itself (and never imports timm otherwise); nothing is hooked into Python's import system.
 
 Each timm entrypoint builds the model through ``timm.models.build_model_with_cfg``, so timm's conventions hold:
 
@@ -36,6 +36,8 @@ All use ``crop_pct=1.0`` (no crop: the images already have the model's size) and
 
 Example:
     >>> import timm  # doctest: +SKIP
+    >>> register_timm_models()  # doctest: +SKIP
+    ['cnet_cifar', 'cnet_cifar_wide', 'cnet_digits']
     >>> model = timm.create_model("cnet_cifar", num_classes=100, scheme="rk4", n_steps=2)  # doctest: +SKIP
     >>> timm.data.resolve_data_config({}, model=model)["input_size"]  # doctest: +SKIP
     (3, 32, 32)
@@ -43,14 +45,10 @@ Example:
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
-import importlib.util
 import sys
 import warnings
 from collections.abc import Callable, Mapping
 from functools import partial
-from types import ModuleType
 from typing import Any
 
 from torch import nn
@@ -173,19 +171,6 @@ def create_timm_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.
     return model
 
 
-def install_timm_registration() -> None:
-    """Register the builders with timm now if timm is imported, when it is imported if it is installed, never
-    if it is absent (``import lightning_cnet`` calls this; it never imports timm itself)."""
-    if "timm" in sys.modules:
-        if sys.modules["timm"] is not None:
-            _register_quietly()
-        return
-    if any(isinstance(finder, _RegisterOnTimmImport) for finder in sys.meta_path):
-        return
-    if importlib.util.find_spec("timm") is not None:
-        sys.meta_path.insert(0, _RegisterOnTimmImport())
-
-
 # ---------------------------------------------------------------------- building
 def _timm_entrypoint(name: str) -> Callable[..., nn.Module]:
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
@@ -270,45 +255,14 @@ def _describe_instance(model: nn.Module, net: ContinuousNet, timm_defaults: bool
         cfg["pool_size"] = tuple(-(-size // reduction) for size in cfg["input_size"][1:])
 
 
-# ---------------------------------------------------------------------- registration when timm is imported
-def _register_quietly() -> None:
-    """Register, turning a failure into a warning so that ``import timm`` itself never fails because of us."""
+# ---------------------------------------------------------------------- registration at ``import lightning_cnet``
+def register_with_timm_quietly() -> None:
+    """:func:`register_timm_models`, turning a failure into a warning (``import lightning_cnet`` calls it when timm is
+    already imported, and must not fail because of timm)."""
     try:
         register_timm_models()
-    except Exception as error:  # noqa: BLE001 - a registration problem must not break importing timm
+    except Exception as error:  # noqa: BLE001 - a registration problem must not break importing lightning_cnet
         warnings.warn(f"lightning_cnet could not register its models with timm: {error}", stacklevel=2)
 
 
-class _RegisterOnTimmImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: when ``timm`` is imported it lets the other finders find it and registers the
-    builders once timm's ``__init__`` has run; then it leaves ``sys.meta_path``."""
-
-    def find_spec(self, fullname: str, path: Any = None, target: ModuleType | None = None) -> Any:
-        if fullname != "timm":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec("timm")
-        if spec is not None and spec.loader is not None:
-            spec.loader = _RegisteringLoader(spec.loader)
-        return spec
-
-
-class _RegisteringLoader(importlib.abc.Loader):
-    """Runs timm's own loader, hands the module back to it, then registers the builders."""
-
-    def __init__(self, loader: Any) -> None:
-        self._loader = loader
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module: ModuleType) -> None:
-        module.__loader__ = module.__spec__.loader = self._loader
-        self._loader.exec_module(module)
-        _register_quietly()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._loader, name)
-
-
-__all__ = ["PRETRAINED_CFGS", "create_timm_model", "install_timm_registration", "register_timm_models"]
+__all__ = ["PRETRAINED_CFGS", "create_timm_model", "register_timm_models", "register_with_timm_quietly"]

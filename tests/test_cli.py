@@ -274,3 +274,12 @@ def test_a_defect_keeps_its_traceback_and_the_run_directory(tmp_path, monkeypatc
     with pytest.raises(RuntimeError, match="a defect in a callback"):
         main(["fit", "--config", str(tmp_path / "failing.yaml")])
     assert (tmp_path / "lightning_logs" / "tiny" / "version_0").is_dir()
+
+
+@pytest.mark.parametrize("module_name", ["_cli_common", "_parser_messages", "_run_folders"])
+def test_docstring_examples(module_name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"lightning_cnet.{module_name}"), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

@@ -110,3 +110,61 @@ def test_lightning_cli_accepts_both_namespaces(name, data_roots):
                      args=["--data", f"{module}.{name}", *init_args, "--trainer.logger=false"])
         assert type(parsed.datamodule).__name__ == name and type(parsed.datamodule).__module__ == module
         assert isinstance(parsed.datamodule, base)
+
+
+# ---------------------------------------------------------------------- one registration, both namespaces
+class SquaresDataMixin:
+    """Images of one bright square per class: the smallest DataModule a user could write."""
+
+    num_classes, in_chans = 2, 1
+
+    def __init__(self, batch_size: int = 4) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        import torch
+
+        images = torch.zeros(8, 1, 8, 8)
+        labels = torch.arange(8) % 2
+        images[labels == 1, :, 4:, 4:] = 1.0
+        return torch.utils.data.DataLoader(list(zip(images, labels)), batch_size=self.batch_size)
+
+
+@pytest.fixture
+def registered_squares():
+    """``SquaresDataModule`` registered as a package DataModule is, and forgotten afterwards."""
+    from lightning_cnet import _namespace
+
+    _namespace.lightning_class("SquaresDataModule", base="LightningDataModule", home="lightning_cnet.data")(
+        SquaresDataMixin)
+    yield
+    _namespace._REGISTRY.pop("SquaresDataModule")
+    for key in [key for key in _namespace._CONCRETE if key[0] == "SquaresDataModule"]:
+        _namespace._CONCRETE.pop(key)
+
+
+def test_one_registration_gives_a_datamodule_in_both_namespaces(registered_squares):
+    """What a new DataModule file does (register its mixin) is all it takes: the class exists in both namespaces
+    under the package's paths, pickles, trains, and LightningCLI takes its class path."""
+    from lightning.pytorch.cli import LightningCLI as TwinCLI
+    from pytorch_lightning.cli import LightningCLI
+
+    from lightning_cnet.module import ContinuousNetClassifier
+
+    for cli, task, lightning, module in (
+        (LightningCLI, ContinuousNetClassifier, pl, pl_data),
+        (TwinCLI, lightning_twins.ContinuousNetClassifier, L, lightning_twins),
+    ):
+        dm_class = module.SquaresDataModule
+        assert dm_class is getattr(module, "SquaresDataModule") and dm_class.__module__ == module.__name__
+        assert issubclass(dm_class, (SquaresDataMixin, lightning.LightningDataModule))
+        assert type(pickle.loads(pickle.dumps(dm_class()))) is dm_class
+        parsed = cli(task, lightning.LightningDataModule, subclass_mode_data=True, run=False,
+                     args=["--data", f"{module.__name__}.SquaresDataModule", "--trainer.logger=false",
+                           "--model.num_classes=2"])
+        assert type(parsed.datamodule) is dm_class
+        trainer = lightning.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                                    enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(task("cnet_digits", num_classes=2), datamodule=dm_class())
+        assert trainer.global_step == 2

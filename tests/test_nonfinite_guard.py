@@ -19,7 +19,14 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from refinement_support import TRAIN, BATCH, TinyDigits, make_task, n_steps, trainer_options
 from torch import nn
 
-from lightning_cnet.callbacks import DepthRefinementCallback, NonFiniteError, NonFiniteGuard, nonfinite_guard
+from lightning_cnet.callbacks import (
+    DepthRefinementCallback,
+    NonFiniteError,
+    NonFiniteGuard,
+    finite,
+    nonfinite_guard,
+    snapshot,
+)
 from lightning_cnet.callbacks.nonfinite_guard import (
     TrainingStateSnapshot,
     all_finite,
@@ -128,7 +135,7 @@ class LrJump(pl.Callback):
 # ---------------------------------------------------------------------- construction
 @pytest.mark.parametrize("kwargs, message", [
     ({"on_nonfinite": "skip"}, "on_nonfinite='skip' is not known"),
-    ({"max_rollbacks": 0}, "max_rollbacks=0 must be an integer >= 1"),
+    ({"max_rollbacks": 0}, "max_rollbacks=0 is not valid: expected an integer >= 1"),
     ({"max_rollbacks": 1.5}, "max_rollbacks=1.5"),
     ({"max_rollbacks": True}, "max_rollbacks=True"),
     ({"check_every_n_steps": 0}, "check_every_n_steps=0"),
@@ -475,8 +482,9 @@ def test_describe_resolution_and_refinement_are_duck_typed():
     assert describe_last_refinement([object()]) is None
 
 
-def test_docstring_examples():
-    result = doctest.testmod(nonfinite_guard, optionflags=doctest.ELLIPSIS)
+@pytest.mark.parametrize("module", [nonfinite_guard, finite, snapshot], ids=lambda module: module.__name__)
+def test_docstring_examples(module):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
 
 

@@ -23,6 +23,8 @@ timm = pytest.importorskip("timm")
 from timm.models import FeatureGraphNet  # noqa: E402
 from timm.models._features import FeatureGetterNet  # noqa: E402
 
+timm_support.register_timm_models()  # what a user does after importing timm
+
 BUILDERS = ("cnet_cifar", "cnet_cifar_wide", "cnet_digits")
 
 

@@ -67,7 +67,7 @@ def test_the_segmenter_trains_with_refinement_and_reloads_from_its_checkpoint(tm
         torch.testing.assert_close(loaded(images), task.eval()(images), rtol=0, atol=0)
     with pytest.raises(ValueError, match="val batch 0 has no samples"):
         task.validation_step({"image": images[:0], "mask": torch.zeros(0, 32, 32, dtype=torch.long)}, 0)
-    with pytest.raises(ValueError, match="num_classes=None must be an integer >= 2"):
+    with pytest.raises(ValueError, match="num_classes=None is not valid: expected an integer >= 2"):
         ContinuousNetSegmenter("cnet_digits")
 
 

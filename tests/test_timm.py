@@ -24,6 +24,8 @@ from timm.models import group_parameters  # noqa: E402
 from timm.optim import create_optimizer_v2  # noqa: E402
 from timm.models._features import feature_take_indices  # noqa: E402
 
+timm_support.register_timm_models()  # what a user does after importing timm
+
 
 def run_python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
@@ -53,18 +55,25 @@ def randomized(model: ContinuousNet) -> ContinuousNet:
 
 
 # ---------------------------------------------------------------------- registry
-def test_import_costs_no_timm_import_and_timm_then_knows_every_builder():
+def test_import_costs_no_timm_import_hooks_nothing_and_registration_is_explicit():
     result = run_python(
-        "import json, sys, lightning_cnet\n"
-        "imported_early = 'timm' in sys.modules\n"
+        "import json, sys\n"
+        "finders = list(sys.meta_path)\n"
+        "import lightning_cnet\n"
+        "imported_early, hooked = 'timm' in sys.modules, sys.meta_path != finders\n"
         "import timm\n"
-        "print(json.dumps([imported_early, timm.list_models('cnet*'), lightning_cnet.list_models(),"
-        " timm.create_model('cnet_digits').num_classes]))"
+        "before = timm.list_models('cnet*')\n"
+        "from lightning_cnet.timm_support import register_timm_models\n"
+        "registered = register_timm_models()\n"
+        "print(json.dumps([imported_early, hooked, before, registered, timm.list_models('cnet*'),"
+        " lightning_cnet.list_models(), timm.create_model('cnet_digits').num_classes, register_timm_models()]))"
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    imported_early, in_timm, ours, classes = json.loads(result.stdout.splitlines()[-1])
-    assert imported_early is False
-    assert in_timm == ours == ["cnet_cifar", "cnet_cifar_wide", "cnet_digits"] and classes == 10
+    imported_early, hooked, before, registered, in_timm, ours, classes, again = json.loads(
+        result.stdout.splitlines()[-1])
+    assert imported_early is False and hooked is False and before == []
+    assert registered == in_timm == ours == ["cnet_cifar", "cnet_cifar_wide", "cnet_digits"] and classes == 10
+    assert again == []  # registered once
 
 
 @pytest.mark.slow

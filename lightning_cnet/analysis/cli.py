@@ -34,6 +34,7 @@ import yaml
 
 import lightning_cnet
 from lightning_cnet._atomic import os_error_in, remove_stale_temporaries
+from lightning_cnet._cli_common import UsageError, error_line, load_checkpoint_file, one_line
 from lightning_cnet.analysis import _files
 from lightning_cnet.analysis._files import check_writable, write_atomically, write_csv
 from lightning_cnet.analysis.compression import check_pairs, compressed, compression_sweep, parse_pair
@@ -65,10 +66,6 @@ PROG = "lightning-cnet-analyze"
 SPLITS = ("test", "val", "train")
 
 
-class UsageError(Exception):
-    """Bad input to the command; reported as one line."""
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
@@ -86,22 +83,11 @@ def load_task(ckpt_path: str, model_class: type | None = None) -> Any:
 
     model_class = model_class or ContinuousNetClassifier
     path = Path(ckpt_path)
-    if path.is_dir():
-        found = [c for c in (path / "checkpoints" / "last.ckpt", path / "last.ckpt") if c.is_file()]
-        hint = f" (did you mean {found[0]}?)" if found else ""
-        raise UsageError(f"{path}: is a folder, not a checkpoint file{hint}")
-    if not path.is_file():
-        raise UsageError(f"{path}: no such file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable file is bad input
-        raise UsageError(f"{path}: not a readable checkpoint ({_first_line(error)})") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise UsageError(f"{path}: not a Lightning checkpoint (no state_dict)")
+    load_checkpoint_file(path)
     try:
         task = model_class.load_from_checkpoint(path, map_location="cpu", weights_only=True).eval()
     except Exception as error:  # noqa: BLE001 - a checkpoint of another model is bad input
-        raise UsageError(f"{path}: cannot be loaded as {model_class.__name__}: {_first_line(error)}") from None
+        raise UsageError(f"{path}: cannot be loaded as {model_class.__name__}: {one_line(error)}") from None
     if not refinable_modules(task):
         raise UsageError(f"{path}: {model_class.__name__} holds no ContinuousNet to study")
     return task
@@ -119,7 +105,7 @@ def model_class(config_path: Path | None) -> type | None:
     try:
         content = yaml.safe_load(config_path.read_text()) or {}
     except (OSError, yaml.YAMLError) as error:
-        raise UsageError(f"{config_path}: {_first_line(error)}") from None
+        raise UsageError(f"{config_path}: {one_line(error)}") from None
     model = content.get("model") if isinstance(content, dict) else None
     class_path = model.get("class_path") if isinstance(model, dict) else None
     if class_path is None:
@@ -134,12 +120,7 @@ def model_class(config_path: Path | None) -> type | None:
         return getattr(__import__(module, fromlist=[name]), name)
     except Exception as error:  # noqa: BLE001 - a class path jsonargparse refuses is bad input
         raise UsageError(f"{config_path}: model.class_path {class_path!r} is not a LightningModule the package can "
-                         f"load: {_first_line(error)}") from None
-
-
-def _first_line(error: BaseException, limit: int = 200) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return (lines[0] if lines else type(error).__name__)[:limit]
+                         f"load: {one_line(error)}") from None
 
 
 def find_config(ckpt_path: str) -> Path:
@@ -157,7 +138,7 @@ def build_datamodule(config_path: Path) -> Any:
     try:
         content = yaml.safe_load(config_path.read_text()) or {}
     except (OSError, yaml.YAMLError) as error:
-        raise UsageError(f"{config_path}: {_first_line(error)}") from None
+        raise UsageError(f"{config_path}: {one_line(error)}") from None
     data = content.get("data") if isinstance(content, dict) else None
     if not isinstance(data, dict) or "class_path" not in data:
         raise UsageError(f"{config_path} has no 'data: {{class_path: ..., init_args: ...}}' section")
@@ -167,7 +148,7 @@ def build_datamodule(config_path: Path) -> Any:
         return parser.instantiate(parser.parse_object({"data": data})).data
     except Exception as error:  # noqa: BLE001 - a data section jsonargparse refuses is bad input
         raise UsageError(f"{config_path}: the data section is not a LightningDataModule the package can build: "
-                         f"{_first_line(error)}") from None
+                         f"{one_line(error)}") from None
 
 
 def _datamodule_bases() -> tuple[type, ...]:
@@ -204,7 +185,7 @@ def dataloader(datamodule: Any, split: str) -> Any:
             loader = None
         else:
             raise UsageError(f"{type(datamodule).__name__} cannot give the {split!r} split: "
-                             f"{_first_line(error)}") from None
+                             f"{one_line(error)}") from None
     if loader is None:
         raise UsageError(f"{type(datamodule).__name__} has no {split!r} split: expected one of {list(SPLITS)}")
     return loader
@@ -429,7 +410,7 @@ def _curve(args: argparse.Namespace) -> None:
     try:
         points = read_scalars(args.metrics, args.metric)
     except FileNotFoundError as error:
-        raise UsageError(f"{args.metrics}: {_first_line(error)}") from None
+        raise UsageError(f"{args.metrics}: {one_line(error)}") from None
     try:
         refinements = [value for _, value in read_scalars(args.metrics, "refinement/epoch")]
     except ValueError:  # no refinement in this run
@@ -520,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.run(args)
         except (UsageError, ValueError, ImportError) as error:
             written.remove_all()
-            print(f"{PROG}: error: {_first_line(error, 400)}", file=sys.stderr)  # room for a path and the cause
+            print(error_line(PROG, error, 400), file=sys.stderr)  # room for a path and the cause
             raise SystemExit(2) from None
         except (OSError, RuntimeError) as error:  # torch's writers wrap the OSError of a full disk
             written.remove_all()

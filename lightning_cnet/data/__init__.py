@@ -8,8 +8,10 @@ epoch, and the training loader's position is saved in checkpoints, so a resumed 
 end-of-epoch or a mid-epoch checkpoint) sees the batches of an uninterrupted one.
 
 The DataModules here are the ``pytorch_lightning`` ones; ``lightning_cnet.lightning`` has the same
-DataModules for ``lightning.pytorch``. They are imported on first access, so that importing this
-package (or the ``lightning.pytorch`` twins) does not import ``pytorch_lightning``.
+DataModules for ``lightning.pytorch``. Each is written once as a namespace-free mixin in its own module and
+registered with :func:`~lightning_cnet._namespace.lightning_class`; this package imports its modules and makes a
+DataModule concrete on first access, so that importing this package (or the ``lightning.pytorch`` twins) does not
+import ``pytorch_lightning``.
 
 Example:
     >>> from lightning_cnet.data import DigitsDataModule
@@ -19,9 +21,7 @@ Example:
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
-
+from lightning_cnet._namespace import import_submodules, module_getattr, registered_names
 from lightning_cnet.data._common import DatasetNotFoundError, SplitDataMixin
 from lightning_cnet.data.canvas import DigitCanvasDataMixin
 from lightning_cnet.data.cifar import CIFAR10DataMixin, CIFAR100DataMixin
@@ -30,26 +30,11 @@ from lightning_cnet.data.folder import ImageFolderDataMixin
 from lightning_cnet.data.idx import IDXDataMixin
 from lightning_cnet.data.sampling import EpochKeySampler, EpochSampler, ResumableDataLoader
 
-#: DataModules made concrete for ``pytorch_lightning``, imported on first access.
-_PYTORCH_LIGHTNING_DATAMODULES = (
-    "CIFAR100DataModule",
-    "CIFAR10DataModule",
-    "DigitCanvasDataModule",
-    "DigitsDataModule",
-    "HardDigitsDataModule",
-    "IDXDataModule",
-    "ImageFolderDataModule",
-)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _PYTORCH_LIGHTNING_DATAMODULES:
-        return getattr(import_module("lightning_cnet.data._pytorch_lightning"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+import_submodules(__name__, __path__)  # every DataModule module registers its DataModule
+__getattr__ = module_getattr(__name__)
 
 __all__ = [
-    *_PYTORCH_LIGHTNING_DATAMODULES,
+    *registered_names(__name__),
     "AffineNoise",
     "CIFAR100DataMixin",
     "CIFAR10DataMixin",

@@ -34,13 +34,6 @@ class DatasetNotFoundError(FileNotFoundError):
     """
 
 
-def check_positive(**values: int | float) -> None:
-    """Raise ``ValueError`` for the first keyword whose value is not strictly positive."""
-    for name, value in values.items():
-        if value <= 0:
-            raise ValueError(f"`{name}` must be positive, got {value!r}")
-
-
 def seeded_split(n: int, n_val: int, seed: int) -> tuple[list[int], list[int]]:
     """Split ``range(n)`` into a training part and ``n_val`` held-out indices.
 

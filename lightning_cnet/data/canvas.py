@@ -13,9 +13,11 @@ from sklearn.datasets import load_digits
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from lightning_cnet.data._common import SplitDataMixin, check_positive
+from lightning_cnet._validation import check_integer
+from lightning_cnet.data._common import SplitDataMixin
 from lightning_cnet.data.digits import _split_indices
-from lightning_cnet.data.sampling import EpochSampler, check_seed
+from lightning_cnet.data.sampling import EpochSampler
+from lightning_cnet._namespace import lightning_class
 
 __all__ = ["DigitCanvasDataMixin", "SegmentationDataset", "digit_canvases"]
 
@@ -82,6 +84,7 @@ class SegmentationDataset(Dataset):
         return {"image": self.images[index], "mask": self.masks[index]}
 
 
+@lightning_class("DigitCanvasDataModule", base="LightningDataModule")
 class DigitCanvasDataMixin(SplitDataMixin):
     """Semantic segmentation of handwritten digits placed on a canvas: 11 classes (background and the digits 0-9).
 
@@ -132,8 +135,10 @@ class DigitCanvasDataMixin(SplitDataMixin):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        check_positive(canvas_size=canvas_size, digits_per_image=digits_per_image, train_size=train_size,
-                       val_size=val_size, test_size=test_size, batch_size=batch_size)
+        for name, value in (("canvas_size", canvas_size), ("digits_per_image", digits_per_image),
+                            ("train_size", train_size), ("val_size", val_size), ("test_size", test_size),
+                            ("batch_size", batch_size)):
+            check_integer(name, value)
         if canvas_size % CELL_SIZE:
             raise ValueError(f"`canvas_size` must be a multiple of {CELL_SIZE}, got {canvas_size}")
         if digits_per_image > (canvas_size // CELL_SIZE) ** 2:
@@ -143,9 +148,8 @@ class DigitCanvasDataMixin(SplitDataMixin):
             raise ValueError(f"`digit_size` must be between 8 and {CELL_SIZE}, got {digit_size}")
         if not 0.0 <= threshold < 1.0:
             raise ValueError(f"`threshold` must be in [0, 1), got {threshold!r}")
-        check_seed(seed)
-        if num_workers < 0:
-            raise ValueError(f"`num_workers` must be >= 0, got {num_workers}")
+        check_integer("seed", seed, minimum=0)
+        check_integer("num_workers", num_workers, minimum=0)
         self.save_hyperparameters()
         self.mean: float | None = None
         self.std: float | None = None

@@ -13,14 +13,14 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 from torchvision.datasets.utils import check_md5
 
+from lightning_cnet._validation import check_integer
 from lightning_cnet.data._common import (
     DatasetNotFoundError,
     SplitDataMixin,
     TransformedSubset,
-    check_positive,
     seeded_split,
 )
-from lightning_cnet.data.sampling import check_seed
+from lightning_cnet._namespace import lightning_class
 
 __all__ = ["CIFAR10DataMixin", "CIFAR100DataMixin"]
 
@@ -75,10 +75,10 @@ class _CIFARDataMixin(SplitDataMixin):
         verify_md5: bool = False,
     ) -> None:
         super().__init__()
-        check_positive(batch_size=batch_size)
-        check_seed(seed)
-        if num_workers < 0 or val_size < 0:
-            raise ValueError(f"`num_workers` and `val_size` must be >= 0, got {num_workers} and {val_size}")
+        check_integer("batch_size", batch_size)
+        check_integer("seed", seed, minimum=0)
+        check_integer("num_workers", num_workers, minimum=0)
+        check_integer("val_size", val_size, minimum=0)
         self.save_hyperparameters()
         normalize = transforms.Normalize(self.mean, self.std)
         self.train_transform = transforms.Compose(
@@ -171,6 +171,7 @@ class _CIFARDataMixin(SplitDataMixin):
         return self._loader(self.test_dataset)
 
 
+@lightning_class("CIFAR10DataModule", base="LightningDataModule")
 class CIFAR10DataMixin(_CIFARDataMixin):
     """CIFAR-10 (32x32 colour images, 10 classes) through torchvision.
 
@@ -221,6 +222,7 @@ class CIFAR10DataMixin(_CIFARDataMixin):
     std = (0.2470, 0.2435, 0.2616)
 
 
+@lightning_class("CIFAR100DataModule", base="LightningDataModule")
 class CIFAR100DataMixin(_CIFARDataMixin):
     """CIFAR-100 (32x32 colour images, 100 fine classes) through torchvision.
 

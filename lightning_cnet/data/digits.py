@@ -17,8 +17,10 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler, TensorDataset
 
-from lightning_cnet.data._common import SplitDataMixin, check_positive
-from lightning_cnet.data.sampling import EpochKeySampler, EpochSampler, Stream, check_seed, derived_seed
+from lightning_cnet._validation import check_integer
+from lightning_cnet.data._common import SplitDataMixin
+from lightning_cnet.data.sampling import EpochKeySampler, EpochSampler, Stream, derived_seed
+from lightning_cnet._namespace import lightning_class
 
 __all__ = ["AffineNoise", "DigitsDataMixin", "HardDigitsDataMixin"]
 
@@ -51,6 +53,7 @@ def _load_split(image_size: int) -> tuple[dict[str, np.ndarray], dict[str, tuple
     return indices, splits
 
 
+@lightning_class("DigitsDataModule", base="LightningDataModule")
 class DigitsDataMixin(SplitDataMixin):
     """scikit-learn's 8x8 handwritten digits (1797 images, 10 classes), held in memory.
 
@@ -86,10 +89,10 @@ class DigitsDataMixin(SplitDataMixin):
 
     def __init__(self, *, image_size: int = 16, batch_size: int = 64, seed: int = 0, num_workers: int = 0) -> None:
         super().__init__()
-        check_positive(image_size=image_size, batch_size=batch_size)
-        check_seed(seed)
-        if num_workers < 0:
-            raise ValueError(f"`num_workers` must be >= 0, got {num_workers}")
+        check_integer("image_size", image_size)
+        check_integer("batch_size", batch_size)
+        check_integer("seed", seed, minimum=0)
+        check_integer("num_workers", num_workers, minimum=0)
         self.save_hyperparameters()
         self.split_indices: dict[str, np.ndarray] | None = None
         self.mean: float | None = None
@@ -214,6 +217,7 @@ class _EpochDistortedDataset(Dataset):
         return self.epoch_images(epoch)[index], self.labels[index]
 
 
+@lightning_class("HardDigitsDataModule", base="LightningDataModule", parent="DigitsDataModule")
 class HardDigitsDataMixin(DigitsDataMixin):
     """The digits made hard enough to separate methods: upsampled, distorted and noisy.
 

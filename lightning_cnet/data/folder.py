@@ -11,14 +11,14 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
+from lightning_cnet._validation import check_integer
 from lightning_cnet.data._common import (
     DatasetNotFoundError,
     SplitDataMixin,
     TransformedSubset,
-    check_positive,
     seeded_split,
 )
-from lightning_cnet.data.sampling import check_seed
+from lightning_cnet._namespace import lightning_class
 
 __all__ = ["ImageFolderDataMixin"]
 
@@ -46,6 +46,7 @@ class _FixedClassFolder(datasets.ImageFolder):
         return classes, dict(self._given_class_to_idx)
 
 
+@lightning_class("ImageFolderDataModule", base="LightningDataModule")
 class ImageFolderDataMixin(SplitDataMixin):
     """Images in class folders, read with torchvision's ``ImageFolder``.
 
@@ -111,10 +112,10 @@ class ImageFolderDataMixin(SplitDataMixin):
         in_chans: int = 3,
     ) -> None:
         super().__init__()
-        check_positive(image_size=image_size, batch_size=batch_size)
-        check_seed(seed)
-        if num_workers < 0:
-            raise ValueError(f"`num_workers` must be >= 0, got {num_workers}")
+        check_integer("image_size", image_size)
+        check_integer("batch_size", batch_size)
+        check_integer("seed", seed, minimum=0)
+        check_integer("num_workers", num_workers, minimum=0)
         if not 0 <= val_fraction < 1:
             raise ValueError(f"`val_fraction` must lie in [0, 1), got {val_fraction}")
         if in_chans not in (1, 3):

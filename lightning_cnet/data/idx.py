@@ -22,14 +22,15 @@ from torch import Tensor
 from torch.utils.data import Sampler, TensorDataset
 from torchvision import datasets, transforms
 
+from lightning_cnet._validation import check_integer
 from lightning_cnet.data._common import (
     DatasetNotFoundError,
     SplitDataMixin,
     TransformedSubset,
-    check_positive,
     seeded_split,
 )
-from lightning_cnet.data.sampling import EpochKeySampler, EpochSampler, check_seed
+from lightning_cnet.data.sampling import EpochKeySampler, EpochSampler
+from lightning_cnet._namespace import lightning_class
 
 __all__ = ["IDX_DATASETS", "IDXDataMixin", "IDXDataset", "read_idx"]
 
@@ -112,6 +113,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
+@lightning_class("IDXDataModule", base="LightningDataModule")
 class IDXDataMixin(SplitDataMixin):
     """Fashion-MNIST, MNIST, KMNIST or any dataset stored as the four IDX files, held in memory.
 
@@ -177,11 +179,11 @@ class IDXDataMixin(SplitDataMixin):
         super().__init__()
         if dataset not in IDX_DATASETS:
             raise ValueError(f"dataset={dataset!r} is not known: expected one of {', '.join(map(repr, IDX_DATASETS))}")
-        check_positive(batch_size=batch_size, num_classes=num_classes)
-        check_seed(seed)
+        check_integer("batch_size", batch_size)
+        check_integer("num_classes", num_classes)
+        check_integer("seed", seed, minimum=0)
         for name, value in (("num_workers", num_workers), ("val_size", val_size), ("crop_padding", crop_padding)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}")
+            check_integer(name, value, minimum=0)
         if dataset != "idx" and num_classes != 10:
             raise ValueError(f"num_classes={num_classes} is fixed to 10 for dataset={dataset!r}; it is for 'idx' only")
         if download and IDX_DATASETS[dataset].torchvision is None:

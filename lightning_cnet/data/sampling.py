@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lightning_cnet._validation import check_integer
+
 __all__ = ["EpochKeySampler", "EpochSampler", "ResumableDataLoader", "Stream", "derived_seed", "torch_seeded"]
 
 
@@ -50,12 +52,6 @@ class Stream(IntEnum):
     SHUFFLE = 3
     AUGMENTATION = 4
     WORKERS = 5
-
-
-def check_seed(seed: int) -> None:
-    """Raise ``ValueError`` unless ``seed`` is a non-negative integer."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}")
 
 
 def derived_seed(seed: int, *keys: int) -> int:
@@ -114,9 +110,8 @@ class EpochSampler(Sampler[int]):
     """
 
     def __init__(self, n: int, seed: int) -> None:
-        if n < 0:
-            raise ValueError(f"`n` must be >= 0, got {n}")
-        check_seed(seed)
+        check_integer("n", n, minimum=0)
+        check_integer("seed", seed, minimum=0)
         self.n = n
         self.seed = seed
         self.epoch = 0
@@ -197,7 +192,7 @@ class ResumableDataLoader(DataLoader):
     """
 
     def __init__(self, dataset: Dataset, *, seed: int, **kwargs: Any) -> None:
-        check_seed(seed)
+        check_integer("seed", seed, minimum=0)
         if kwargs.pop("persistent_workers", False):
             raise ValueError("`persistent_workers` must be off: ResumableDataLoader starts its workers every epoch")
         generator = kwargs.pop("generator", None) or torch.Generator()
