@@ -34,14 +34,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
+import _bench
 import torch
 import torch.nn.functional as F
+from _resnet import randomise_
 from torch import nn
 
-import _bench
-from _resnet import randomise_
-from lightning_cnet.task import CompiledBackbone, compile_options
 from lightning_cnet.models import get_model
+from lightning_cnet.task import CompiledBackbone, compile_options
 
 IMAGE_SHAPE, NUM_CLASSES = (3, 32, 32), 10
 TARGET_SPEEDUP = 1.4

@@ -28,16 +28,16 @@ import tracemalloc
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import _bench
 import torch
 import torch.nn.functional as F
+from memory import peak_bytes
 
-import _bench
 from lightning_cnet import get_model
 from lightning_cnet.bases import get_basis
 from lightning_cnet.cost import estimate_cost
 from lightning_cnet.integrators import get_scheme
 from lightning_cnet.ode_block import rk_stage_plan
-from memory import peak_bytes
 
 MIB = 2**20
 

@@ -23,10 +23,10 @@ import statistics
 import time
 from collections.abc import Sequence
 
+import _bench
 import torch
 import torch.nn.functional as F
 
-import _bench
 from lightning_cnet.data import DigitsDataModule, HardDigitsDataModule
 from lightning_cnet.models import get_model
 

@@ -34,11 +34,11 @@ import argparse
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
+import _bench
 import torch
+from _field import StageField
 from torch.profiler import ProfilerActivity, profile
 
-import _bench
-from _field import StageField
 from lightning_cnet.ode_block import ODEBlock
 
 try:

@@ -32,13 +32,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
+import _bench
 import torch
 import torch.nn.functional as F
+from _resnet import check_same_output, randomise_, resnet_from, ungated_copy
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-import _bench
-from _resnet import check_same_output, randomise_, resnet_from, ungated_copy
 from lightning_cnet.models import get_model
 
 IMAGE_SHAPE = (3, 32, 32)

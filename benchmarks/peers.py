@@ -43,13 +43,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
+import _bench
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-import _bench
 from _field import StageField
 from _resnet import blocks_from, randomise_, resnet_from
+from torch import nn
+
 from lightning_cnet.models import ContinuousNet, get_model
 from lightning_cnet.ode_block import ODEBlock
 

@@ -35,10 +35,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import _bench
 import torch
 import torch.nn.functional as F
 
-import _bench
 from lightning_cnet import get_model, recalibrate_bn
 from lightning_cnet.threads import THREADS_VARIABLE, usable_cores
 

@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import prune
 
+from lightning_cnet._namespace import lightning_class
 from lightning_cnet._validation import check_integer
 from lightning_cnet.callbacks._instances import (
     adopt_saved_state,
@@ -47,15 +48,13 @@ from lightning_cnet.callbacks.optimizer_surgery import (
     replace_parameters,
     stale_parameters,
 )
-from lightning_cnet._validation import check_integer
+from lightning_cnet.callbacks.quick_eval import Measurement, MetricFunction, ValidationMetric, training_inputs
+from lightning_cnet.callbacks.schedule import PlateauSchedule, RefineAt, RefinementSchedule
 from lightning_cnet.cost import training_batch_shape
+from lightning_cnet.evaluation import defines
 from lightning_cnet.layers import ParameterChange
 from lightning_cnet.ode_block import check_noise_std
 from lightning_cnet.recalibration import recalibrate_bn
-from lightning_cnet.callbacks.quick_eval import Measurement, MetricFunction, ValidationMetric, training_inputs
-from lightning_cnet.evaluation import defines
-from lightning_cnet.callbacks.schedule import PlateauSchedule, RefineAt, RefinementSchedule
-from lightning_cnet._namespace import lightning_class
 
 if TYPE_CHECKING:
     from lightning_cnet._namespace import Namespace

@@ -13,12 +13,12 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from lightning_cnet._namespace import lightning_class
 from lightning_cnet._validation import check_integer
 from lightning_cnet.callbacks._instances import others_of_kind, settings_state_key
 from lightning_cnet.callbacks.depth_refinement import refinable_modules
 from lightning_cnet.callbacks.quick_eval import MetricFunction, ValidationMetric
 from lightning_cnet.integrators import get_scheme, validate_n_steps
-from lightning_cnet._namespace import lightning_class
 
 if TYPE_CHECKING:
     from lightning_cnet._namespace import Namespace

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from lightning_cnet._namespace import lightning_class
 from lightning_cnet._validation import check_integer
 from lightning_cnet.callbacks._instances import adopt_saved_state, others_of_kind, settings_state_key
-from lightning_cnet.resolution import StageResolution
 from lightning_cnet.callbacks.finite import (
     CATEGORIES,
     Findings,
@@ -32,7 +32,7 @@ from lightning_cnet.callbacks.finite import (
     nonfinite_names,
 )
 from lightning_cnet.callbacks.snapshot import TrainingStateSnapshot, scale_learning_rates
-from lightning_cnet._namespace import lightning_class
+from lightning_cnet.resolution import StageResolution
 
 if TYPE_CHECKING:
     from lightning_cnet._namespace import Namespace

@@ -22,7 +22,6 @@ from typing import Any
 
 from lightning_cnet._validation import check_integer
 
-
 RefineAt = int | float | Sequence[int | float] | Callable[[int], bool]
 """An epoch, a fraction of ``max_epochs``, a list of them, or a callable ``epoch -> bool``."""
 

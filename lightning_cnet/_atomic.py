@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from lightning_cnet._namespace import lightning_class
 
 #: ``.<final name>.<host>.<pid>.<random>.tmp``: a temporary of :func:`replace_atomically`.

@@ -38,7 +38,7 @@ from __future__ import annotations
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache, reduce
+from functools import cache, reduce
 from importlib import import_module
 from pkgutil import iter_modules
 from types import ModuleType
@@ -69,7 +69,7 @@ class Namespace:
     rank_zero_warn: Callable[..., Any]
 
 
-@lru_cache(maxsize=None)
+@cache
 def pytorch_lightning_namespace() -> Namespace:
     """The ``pytorch_lightning`` namespace."""
     import pytorch_lightning
@@ -79,7 +79,7 @@ def pytorch_lightning_namespace() -> Namespace:
     return Namespace("pytorch_lightning", pytorch_lightning, MisconfigurationException, rank_zero_info, rank_zero_warn)
 
 
-@lru_cache(maxsize=None)
+@cache
 def lightning_namespace() -> Namespace:
     """The ``lightning.pytorch`` namespace (needs the ``lightning`` package).
 

@@ -16,10 +16,10 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_cnet._namespace import lightning_class
 from lightning_cnet._validation import TRAINING_RANGES, check_ranges
 from lightning_cnet.batches import model_input
 from lightning_cnet.task import BackboneTask
-from lightning_cnet._namespace import lightning_class
 
 SPLITS = ("train", "val", "test")
 #: Backbone options the classifier also takes as its own arguments, the form of configs and checkpoints written before

@@ -36,6 +36,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from lightning_cnet._scripting import evaluated_forward_annotations, scriptable_graph
 from lightning_cnet._transaction import restored_on_error
+from lightning_cnet._validation import check_integer
 from lightning_cnet.cost import (
     CHEAP_RESOLUTION,
     Cost,
@@ -47,12 +48,11 @@ from lightning_cnet.cost import (
     scaled,
     unit_piece_bytes,
 )
-from lightning_cnet._validation import check_integer
 from lightning_cnet.integrators import ButcherTableau, Integrator, get_scheme, validate_n_steps
 from lightning_cnet.layers import ParameterChange, TimeGate, TimeLayerNorm
 from lightning_cnet.ode_block import BlockChange, ODEBlock, check_noise_std
-from lightning_cnet.resolution import StageResolution
 from lightning_cnet.registry import Registry
+from lightning_cnet.resolution import StageResolution
 from lightning_cnet.units import UnitFactory
 
 PerStage = int | Sequence[int] | None

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassJaccardIndex
 
+from lightning_cnet._namespace import lightning_class
 from lightning_cnet._validation import check_integer
 from lightning_cnet.batches import model_input
 from lightning_cnet.models import ContinuousNet
 from lightning_cnet.task import BackboneTask, build_backbone
-from lightning_cnet._namespace import lightning_class
 
 SPLITS = ("train", "val", "test")
 

@@ -15,12 +15,12 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+from refinement_support import TinyDigits
 
 from lightning_cnet import _atomic
 from lightning_cnet.checkpoint_io import AtomicCheckpointIO
 from lightning_cnet.cli import ContinuousNetCLI
 from lightning_cnet.module import ContinuousNetClassifier
-from refinement_support import TinyDigits
 
 
 def _names(folder: Path) -> list[str]:

@@ -12,8 +12,8 @@ import torch
 from refinement_support import TinyDigits, make_task, n_steps, trainer_options
 
 from lightning_cnet.callbacks import DepthRefinementCallback
-from lightning_cnet.task import CompiledBackbone, _call_backbone, compile_options
 from lightning_cnet.models import get_model
+from lightning_cnet.task import CompiledBackbone, _call_backbone, compile_options
 
 
 def cache_entries() -> int:

@@ -114,8 +114,8 @@ def test_a_hostile_safetensors_file_is_refused(tmp_path, refined_state) -> None:
 def test_the_other_model_check_of_a_lightning_load_is_cheap_too(refined_state) -> None:
     """``check_checkpoint`` loads the checkpoint into a deep copy of the task's model: a hostile claim must make the
     copy refuse as cheaply as the model itself (no refinement to 2**20 pieces on the copy)."""
-    from lightning_cnet.task import check_checkpoint
     from lightning_cnet.module import ContinuousNetClassifier
+    from lightning_cnet.task import check_checkpoint
 
     task = ContinuousNetClassifier("cnet_digits", n_steps=1)
     honest = ContinuousNetClassifier("cnet_digits", n_steps=4).state_dict()
@@ -239,10 +239,10 @@ def test_activation_estimate_from_small_passes_matches_a_measured_large_pass(sch
 def test_a_refinement_schedule_beyond_the_bounds_is_refused_at_setup() -> None:
     """29 refinements of a one-step model would reach 2**29 steps per stage: refused before the first step."""
     import pytorch_lightning as pl
+    from refinement_support import TinyDigits, trainer_options
 
     from lightning_cnet.callbacks import DepthRefinementCallback
     from lightning_cnet.module import ContinuousNetClassifier
-    from refinement_support import TinyDigits, trainer_options
 
     task = ContinuousNetClassifier("cnet_digits", n_steps=1)
     before = _snapshot(task.model)

@@ -157,7 +157,7 @@ def test_one_registration_gives_a_datamodule_in_both_namespaces(registered_squar
         (TwinCLI, lightning_twins.ContinuousNetClassifier, L, lightning_twins),
     ):
         dm_class = module.SquaresDataModule
-        assert dm_class is getattr(module, "SquaresDataModule") and dm_class.__module__ == module.__name__
+        assert dm_class is module.SquaresDataModule and dm_class.__module__ == module.__name__
         assert issubclass(dm_class, (SquaresDataMixin, lightning.LightningDataModule))
         assert type(pickle.loads(pickle.dumps(dm_class()))) is dm_class
         parsed = cli(task, lightning.LightningDataModule, subclass_mode_data=True, run=False,

@@ -7,11 +7,11 @@ import copy
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
+import tomllib
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelPruning

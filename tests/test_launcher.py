@@ -134,7 +134,6 @@ def test_torch_starts_with_the_chosen_threads(load, environment, expected) -> No
 
 
 def test_the_launcher_says_what_it_chose_and_hands_over(monkeypatch, capsys) -> None:
-    import lightning_cnet.cli
 
     handed: list = []
     monkeypatch.setattr(lightning_cnet.cli, "main", lambda args: handed.append((args, os.environ["OMP_NUM_THREADS"])))

@@ -14,8 +14,8 @@ from torch import nn
 from lightning_cnet.bases import BASES
 from lightning_cnet.integrators import SCHEMES, make_tableau
 from lightning_cnet.models import MODELS, ContinuousNet, get_model, list_models
-from lightning_cnet.units import UNITS
 from lightning_cnet.ode_block import StageResolution
+from lightning_cnet.units import UNITS
 
 WIDTHS = (4, 8)
 

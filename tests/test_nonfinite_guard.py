@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
-from refinement_support import TRAIN, BATCH, TinyDigits, make_task, n_steps, trainer_options
+from refinement_support import BATCH, TRAIN, TinyDigits, make_task, n_steps, trainer_options
 from torch import nn
 
 from lightning_cnet.callbacks import (

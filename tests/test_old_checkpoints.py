@@ -12,11 +12,10 @@ import shutil
 from pathlib import Path
 
 import torch
+from test_cli import run_cli
 
 from lightning_cnet.models import get_model
 from lightning_cnet.module import ContinuousNetClassifier
-
-from test_cli import run_cli
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 CHECKPOINT = FIXTURES / "v0_2_0_digits.ckpt"

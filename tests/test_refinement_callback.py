@@ -11,12 +11,12 @@ import torch
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint
 from refinement_support import (
-    stack_pieces,
     ConsistencyCallback,
     TinyDigits,
     digits_tensors,
     make_task,
     n_steps,
+    stack_pieces,
     trainer_options,
 )
 from torch import nn

@@ -57,8 +57,10 @@ def test_ddp_spawn_ranks_agree_after_refinement():
 
 def test_lightning_namespace_trains_through_refinement():
     L = pytest.importorskip("lightning.pytorch")
-    from lightning_cnet.lightning import ContinuousNetClassifier, DepthRefinementCallback as LightningCallback
     from refinement_support import OptimizerConsistency
+
+    from lightning_cnet.lightning import ContinuousNetClassifier
+    from lightning_cnet.lightning import DepthRefinementCallback as LightningCallback
 
     class Consistency(OptimizerConsistency, L.Callback):
         pass

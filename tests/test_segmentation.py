@@ -7,14 +7,13 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
+from test_cli import REPO, run_cli
 
 from lightning_cnet.callbacks import DepthRefinementCallback
 from lightning_cnet.data import DigitCanvasDataModule
 from lightning_cnet.data.canvas import digit_canvases
 from lightning_cnet.metrics_reader import read_scalars
 from lightning_cnet.module import ContinuousNetSegmenter
-
-from test_cli import REPO, run_cli
 
 CONFIG = REPO / "configs" / "digits_segmentation.yaml"
 

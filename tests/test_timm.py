@@ -14,15 +14,14 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from lightning_cnet import ContinuousNet, get_model, register_model
-from lightning_cnet import timm_support
+from lightning_cnet import ContinuousNet, get_model, register_model, timm_support
 from lightning_cnet.models import MODELS
 
 timm = pytest.importorskip("timm")
 from timm.data import create_transform, resolve_data_config  # noqa: E402
 from timm.models import group_parameters  # noqa: E402
-from timm.optim import create_optimizer_v2  # noqa: E402
 from timm.models._features import feature_take_indices  # noqa: E402
+from timm.optim import create_optimizer_v2  # noqa: E402
 
 timm_support.register_timm_models()  # what a user does after importing timm
 

@@ -24,10 +24,10 @@ from lightning_cnet import (
     register_unit,
 )
 from lightning_cnet.bases import BASES, PiecewiseConstantBasis
-from lightning_cnet.integrators import SCHEMES
-from lightning_cnet.models import MODELS
 from lightning_cnet.callbacks import DepthRefinementCallback
+from lightning_cnet.integrators import SCHEMES
 from lightning_cnet.layers import TimeBatchNorm2d, TimeConv2d
+from lightning_cnet.models import MODELS
 from lightning_cnet.module import ContinuousNetClassifier
 from lightning_cnet.units import UNITS, BottleneckUnit, ResidualUnit, build_unit
 

@@ -13,11 +13,11 @@ from sklearn.datasets import load_digits
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from lightning_cnet._namespace import lightning_class
 from lightning_cnet._validation import check_integer
 from lightning_cnet.data._common import SplitDataMixin
 from lightning_cnet.data.digits import _split_indices
 from lightning_cnet.data.sampling import EpochSampler
-from lightning_cnet._namespace import lightning_class
 
 __all__ = ["DigitCanvasDataMixin", "SegmentationDataset", "digit_canvases"]
 

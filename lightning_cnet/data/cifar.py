@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 from torchvision.datasets.utils import check_md5
 
+from lightning_cnet._namespace import lightning_class
 from lightning_cnet._validation import check_integer
 from lightning_cnet.data._common import (
     DatasetNotFoundError,
@@ -20,7 +21,6 @@ from lightning_cnet.data._common import (
     TransformedSubset,
     seeded_split,
 )
-from lightning_cnet._namespace import lightning_class
 
 __all__ = ["CIFAR10DataMixin", "CIFAR100DataMixin"]
 

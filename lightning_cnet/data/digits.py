@@ -17,10 +17,10 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler, TensorDataset
 
+from lightning_cnet._namespace import lightning_class
 from lightning_cnet._validation import check_integer
 from lightning_cnet.data._common import SplitDataMixin
 from lightning_cnet.data.sampling import EpochKeySampler, EpochSampler, Stream, derived_seed
-from lightning_cnet._namespace import lightning_class
 
 __all__ = ["AffineNoise", "DigitsDataMixin", "HardDigitsDataMixin"]
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
+from lightning_cnet._namespace import lightning_class
 from lightning_cnet._validation import check_integer
 from lightning_cnet.data._common import (
     DatasetNotFoundError,
@@ -18,7 +19,6 @@ from lightning_cnet.data._common import (
     TransformedSubset,
     seeded_split,
 )
-from lightning_cnet._namespace import lightning_class
 
 __all__ = ["ImageFolderDataMixin"]
 

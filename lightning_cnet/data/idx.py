@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.utils.data import Sampler, TensorDataset
 from torchvision import datasets, transforms
 
+from lightning_cnet._namespace import lightning_class
 from lightning_cnet._validation import check_integer
 from lightning_cnet.data._common import (
     DatasetNotFoundError,
@@ -30,7 +31,6 @@ from lightning_cnet.data._common import (
     seeded_split,
 )
 from lightning_cnet.data.sampling import EpochKeySampler, EpochSampler
-from lightning_cnet._namespace import lightning_class
 
 __all__ = ["IDX_DATASETS", "IDXDataMixin", "IDXDataset", "read_idx"]
 
