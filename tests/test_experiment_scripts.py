@@ -125,12 +125,12 @@ def test_fashion_rate_search_grows_the_grid_beyond_the_best_end(fashion):
 
 
 @pytest.mark.slow
-def test_fashion_quick_study_on_tiny_idx_files(tmp_path):
+def test_fashion_smoke_study_on_tiny_idx_files(tmp_path):
     """The whole pipeline (rate search, seeds, (b)/(d) studies, variants, tables, figures) on IDX files written here."""
     from test_mnist_data import write_dataset
 
     write_dataset(tmp_path / "data")
-    run = run_script("fashion_mnist.py", "--quick", "--out", str(tmp_path / "study"), "--seeds", "0", "--variants",
+    run = run_script("fashion_mnist.py", "--smoke", "--out", str(tmp_path / "study"), "--seeds", "0", "--variants",
                      "plateau", "restart", "--val-size", "8", cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = rows_of(tmp_path / "study" / "runs.csv")
