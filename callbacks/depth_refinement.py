@@ -6,7 +6,8 @@ serves ``pytorch_lightning`` (:class:`DepthRefinementCallback`, here) and ``ligh
 
 What a refinement does, at the start of a scheduled epoch and on every rank at the same point:
 
-1. (optional) measure the module's own validation metric (:class:`~lightning_cnet.callbacks.quick_eval.ValidationMetric`);
+1. (optional) measure the module's own validation metric
+   (:class:`~lightning_cnet.callbacks.quick_eval.ValidationMetric`);
 2. refine every :class:`~lightning_cnet.models.ContinuousNet` inside the LightningModule in place
    (``K -> 2K``, ``N -> step_factor * N``, ``T`` fixed), with optional seeded multiplicative weight noise;
 3. refine the averaged copies kept by weight-averaging callbacks (EMA, SWA), without noise;
@@ -336,7 +337,8 @@ class DepthRefinementMixin:
         self._check_cost(trainer, nets)
         epochs = self.schedule.epochs
         if epochs and trainer.max_epochs is not None and trainer.max_epochs > 0 and epochs[-1] >= trainer.max_epochs:
-            self.lightning.rank_zero_warn(f"refine_at={epochs} reaches past max_epochs={trainer.max_epochs}: later epochs never run")
+            self.lightning.rank_zero_warn(
+                f"refine_at={epochs} reaches past max_epochs={trainer.max_epochs}: later epochs never run")
 
     def _check_cost(self, trainer: Any, nets: list[nn.Module]) -> None:
         """Refuse a schedule whose last refinement would not fit (see :mod:`lightning_cnet.cost`), before training."""

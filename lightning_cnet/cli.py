@@ -14,8 +14,8 @@ another model, a missing dataset) end with one line ``lightning-cnet: error: ...
 no files left from the failed run.
 
 ``lightning-cnet predict`` with a classifier writes ``predictions.csv`` (sample index, predicted class, class
-probabilities) to the run's log directory and names it in its last log line; ``lightning-cnet --version`` prints the version;
-``--optimizer`` without ``--lr_scheduler`` warns, in one line, that the model's own optimizer and schedule are
+probabilities) to the run's log directory and names it in its last log line; ``lightning-cnet --version`` prints the
+version; ``--optimizer`` without ``--lr_scheduler`` warns, in one line, that the model's own optimizer and schedule are
 replaced by a constant learning rate.
 
 Example:

@@ -218,7 +218,9 @@ def get_unit(unit: str | UnitFactory) -> UnitFactory:
     return unit if callable(unit) else UNITS.get(unit)
 
 
-def build_unit(unit: str | UnitFactory, width: int, n_basis: int, unit_kwargs: dict[str, Any] | None = None) -> nn.Module:
+def build_unit(
+    unit: str | UnitFactory, width: int, n_basis: int, unit_kwargs: dict[str, Any] | None = None
+) -> nn.Module:
     """Build a residual unit and check that it is made of time-dependent layers with ``n_basis`` pieces.
 
     Raises:

@@ -163,8 +163,8 @@ class _Evaluator:
 def _fine_reference(
     evaluator: _Evaluator, mode: str, scheme: str, coarse: list[torch.Tensor] | None, largest: int, rtol: float
 ) -> tuple[int, list[torch.Tensor]]:
-    """The reference of this module's docstring: ``scheme`` at the first of ``2 * largest, 4 * largest, ...`` steps whose logits change by at most ``rtol`` from half as many steps, at most
-    ``MAX_REFERENCE_FACTOR * largest``.
+    """The reference of this module's docstring: ``scheme`` at the first of ``2 * largest, 4 * largest, ...`` steps
+    whose logits change by at most ``rtol`` from half as many steps, at most ``MAX_REFERENCE_FACTOR * largest``.
 
     Args:
         evaluator: evaluates the model in ``mode``.
@@ -189,7 +189,9 @@ def _fine_reference(
     return steps, fine
 
 
-def _unplanned(evaluator: _Evaluator, mode: str, scheme: str, steps: int) -> tuple[dict[str, float], list[torch.Tensor]]:
+def _unplanned(
+    evaluator: _Evaluator, mode: str, scheme: str, steps: int
+) -> tuple[dict[str, float], list[torch.Tensor]]:
     """Evaluate a manifestation that was not in the bar's plan: its work is added first."""
     with evaluator.model.manifestation(scheme=scheme, n_steps=steps):
         add_work(evaluator.bar, evaluator.work(mode))

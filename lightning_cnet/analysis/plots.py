@@ -32,7 +32,8 @@ def require_matplotlib() -> None:
 
 def _save(figure: Any, path: str | Path) -> Path:
     figure.tight_layout()
-    written = write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png", bbox_inches="tight"))
+    written = write_atomically(
+        path, lambda temporary: figure.savefig(temporary, dpi=120, format="png", bbox_inches="tight"))
     _pyplot().close(figure)
     return written
 

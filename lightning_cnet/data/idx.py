@@ -99,8 +99,8 @@ def read_idx(path: str | Path) -> np.ndarray:
     with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as handle:
         data = handle.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != _UBYTE or not 1 <= data[3] <= 4:
-        raise ValueError(f"{path} is not an IDX file of unsigned bytes: its magic number is {data[:4].hex() or 'empty'}, "
-                         f"expected 00000801 to 00000804")
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes: its magic number is "
+                         f"{data[:4].hex() or 'empty'}, expected 00000801 to 00000804")
     dims = data[3]
     header = 4 + 4 * dims
     if len(data) < header:
@@ -187,8 +187,8 @@ class IDXDataMixin(SplitDataMixin):
         if dataset != "idx" and num_classes != 10:
             raise ValueError(f"num_classes={num_classes} is fixed to 10 for dataset={dataset!r}; it is for 'idx' only")
         if download and IDX_DATASETS[dataset].torchvision is None:
-            raise ValueError(f"download=True needs a named dataset ({', '.join(k for k in IDX_DATASETS if k != 'idx')}), "
-                             f"got dataset={dataset!r}")
+            named = ", ".join(k for k in IDX_DATASETS if k != "idx")
+            raise ValueError(f"download=True needs a named dataset ({named}), got dataset={dataset!r}")
         self.save_hyperparameters()
         self.info = IDX_DATASETS[dataset]
         self.mean: float | None = None
@@ -291,7 +291,8 @@ class IDXDataMixin(SplitDataMixin):
         if labels.size and labels.max() >= self.num_classes:
             raise ValueError(f"{paths[split, 'labels']} holds label {labels.max()}, beyond num_classes="
                              f"{self.num_classes}")
-        return torch.from_numpy(images.copy()).unsqueeze(1).float().div_(255.0), torch.from_numpy(labels.astype(np.int64))
+        return (torch.from_numpy(images.copy()).unsqueeze(1).float().div_(255.0),
+                torch.from_numpy(labels.astype(np.int64)))
 
     # ------------------------------------------------------------------ splits
     def setup(self, stage: str | None = None) -> None:
