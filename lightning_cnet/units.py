@@ -99,7 +99,8 @@ class PreActBasicUnit(ResidualUnit):
 
     def forward(self, x: torch.Tensor, nodes: NodeWeights, gain: torch.Tensor | None = None) -> torch.Tensor:
         y = self.conv1(torch.relu_(self.norm1(x, nodes)), nodes)
-        return self.conv2(torch.relu_(self.norm2(y, nodes)), nodes, gain)
+        out: torch.Tensor = self.conv2(torch.relu_(self.norm2(y, nodes)), nodes, gain)
+        return out
 
 
 class BottleneckUnit(ResidualUnit):
@@ -130,7 +131,8 @@ class BottleneckUnit(ResidualUnit):
     def forward(self, x: torch.Tensor, nodes: NodeWeights, gain: torch.Tensor | None = None) -> torch.Tensor:
         y = self.conv1(torch.relu_(self.norm1(x, nodes)), nodes)
         y = self.conv2(torch.relu_(self.norm2(y, nodes)), nodes)
-        return self.conv3(torch.relu_(self.norm3(y, nodes)), nodes, gain)
+        out: torch.Tensor = self.conv3(torch.relu_(self.norm3(y, nodes)), nodes, gain)
+        return out
 
 
 class MLPUnit(ResidualUnit):
@@ -183,7 +185,8 @@ class MLPUnit(ResidualUnit):
         *inner, last = self.linears
         for linear in inner:
             y = self.activation(linear(y, nodes))
-        return last(y, nodes, gain)
+        out: torch.Tensor = last(y, nodes, gain)
+        return out
 
 
 def register_unit(name: str, factory: UnitFactory, *, overwrite: bool = False) -> UnitFactory:
