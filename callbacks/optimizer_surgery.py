@@ -50,8 +50,9 @@ def _combined_state(
         elif key == "step" and value.numel() == 1:
             combined[key] = value.clone()
         elif value.shape == param.shape:
-            total = sum(state[key].to(torch.float64) * c for state, c in sources
-                        if isinstance(state.get(key), torch.Tensor))
+            zero = torch.zeros((), dtype=torch.float64, device=value.device)
+            total = sum((entry.to(torch.float64) * c for state, c in sources
+                         if isinstance(entry := state.get(key), torch.Tensor)), zero)
             tensor = total.to(value.dtype)
             combined[key] = tensor.clamp_(min=0) if "sq" in key else tensor
         else:

@@ -8,12 +8,12 @@ The concrete classes mix it with ``pytorch_lightning.LightningModule`` (:mod:`li
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_cnet._namespace import lightning_class
@@ -82,7 +82,8 @@ class ClassificationTask(BackboneTask):
         merged = {**(model_kwargs or {}), **{name: value for name, value in flat.items() if value is not None}}
         super().__init__(model, model_kwargs=merged, **kwargs)
         self.num_classes = self.model.num_classes
-        metrics = {"acc": MulticlassAccuracy(self.num_classes, top_k=1, average="micro")}
+        metrics: dict[str, Metric | MetricCollection] = {
+            "acc": MulticlassAccuracy(self.num_classes, top_k=1, average="micro")}
         if self.num_classes > 5:
             metrics["acc_top5"] = MulticlassAccuracy(self.num_classes, top_k=5, average="micro")
         collection = MetricCollection(metrics, compute_groups=False)  # top-1 and top-5 must not share state
@@ -99,7 +100,7 @@ class ClassificationTask(BackboneTask):
                              "the dataset and sampler behind the DataLoader (an empty split or shard)")
         logits = self(images)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
-        metrics = self.metrics[f"{split}_metrics"]
+        metrics = cast(MetricCollection, self.metrics[f"{split}_metrics"])
         metrics.update(logits.detach().float(), targets)
         on_step = split == "train"
         self.log(f"{split}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=split != "test", sync_dist=True)

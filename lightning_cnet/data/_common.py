@@ -6,8 +6,8 @@ namespace by the concrete classes (``lightning_cnet.data`` and ``lightning_cnet.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence, Sized
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -97,6 +97,12 @@ class SplitDataMixin:
     use persistent workers when ``num_workers > 0``. All use pinned memory when CUDA is available.
     """
 
+    if TYPE_CHECKING:  # what the mixin and its subclasses use of the LightningDataModule they are mixed with
+        hparams: Any
+        trainer: Any
+
+        def save_hyperparameters(self, *args: Any, **kwargs: Any) -> None: ...
+
     def __init__(self) -> None:
         super().__init__()
         self.train_dataset: Dataset | None = None
@@ -129,7 +135,7 @@ class SplitDataMixin:
         return ResumableDataLoader(
             dataset,
             seed=self.hparams.seed,
-            sampler=self.train_sampler(len(dataset)),
+            sampler=self.train_sampler(len(cast(Sized, dataset))),
             batch_size=self.hparams.batch_size,
             num_workers=self.hparams.num_workers,
             pin_memory=torch.cuda.is_available(),
