@@ -204,7 +204,7 @@ class ContinuousNetCLI(LightningCLI):
                 subclass_mode_model=True,
                 subclass_mode_data=True,
                 parser_class=_Parser,
-                args=args,
+                args=None if args is None else list(args),
                 **kwargs,
             )
         except SIGTERMException:
@@ -354,7 +354,8 @@ class ContinuousNetCLI(LightningCLI):
         folder that already holds checkpoints must resume (``--ckpt_path``). ``__init__`` releases them."""
         self._check_cost(subcommand)
         folders = run_folders(self.trainer, fit=subcommand == "fit")
-        self._claim = claim(folders) if rank_zero_only.rank == 0 else Claim([], [], [])
+        rank = getattr(rank_zero_only, "rank", 0)  # set by Lightning at import, from the environment
+        self._claim = claim(folders) if rank == 0 else Claim([], [], [])
         if subcommand == "fit":
             refuse_used_checkpoint_folders(self.trainer, self.config[subcommand].get("ckpt_path"))
 
@@ -661,11 +662,11 @@ class LastCheckpoint(ModelCheckpoint):
         dirpath: the folder (``None``: the run's ``checkpoints`` folder, where the best checkpoint goes too).
     """
 
-    def __init__(self, dirpath: str | None = None) -> None:
+    def __init__(self, dirpath: str | Path | None = None) -> None:
         super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
 
 
-def last_checkpoint(dirpath: str | None) -> LastCheckpoint:
+def last_checkpoint(dirpath: str | Path | None) -> LastCheckpoint:
     """The ``last.ckpt`` callback for a run whose best checkpoint goes to ``dirpath``."""
     return LastCheckpoint(dirpath)
 

@@ -182,10 +182,10 @@ class DigitCanvasDataMixin(SplitDataMixin):
         images = torch.from_numpy(digits.images).float().div(16.0).unsqueeze(1)
         if hp.digit_size != images.shape[-1]:
             images = F.interpolate(images, size=(hp.digit_size, hp.digit_size), mode="bilinear", align_corners=False)
-        images, labels = images.squeeze(1).numpy(), digits.target
+        arrays, labels = images.squeeze(1).numpy(), digits.target
         sizes = {"train": hp.train_size, "val": hp.val_size, "test": hp.test_size}
         splits = {
-            name: digit_canvases(images[indices], labels[indices], sizes[name], canvas_size=hp.canvas_size,
+            name: digit_canvases(arrays[indices], labels[indices], sizes[name], canvas_size=hp.canvas_size,
                                  digits_per_image=hp.digits_per_image, threshold=hp.threshold,
                                  seed=hp.seed * len(_SPLIT_STREAMS) + _SPLIT_STREAMS[name])
             for name, indices in _split_indices(labels).items()

@@ -126,8 +126,15 @@ class DigitsDataMixin(SplitDataMixin):
         self.mean, self.std = train_images.mean().item(), train_images.std().item()
         self._build_datasets(splits)
 
+    def _statistics(self) -> tuple[float, float]:
+        """The training images' mean and std, which :meth:`setup` computes."""
+        if self.mean is None or self.std is None:
+            raise RuntimeError(f"{type(self).__name__}: the training mean and std are computed in setup(), first")
+        return self.mean, self.std
+
     def _standardise(self, images: Tensor) -> Tensor:
-        return (images - self.mean) / self.std
+        mean, std = self._statistics()
+        return (images - mean) / std
 
     def _build_datasets(self, splits: dict[str, tuple[Tensor, Tensor]]) -> None:
         self.train_dataset, self.val_dataset, self.test_dataset = (
@@ -206,7 +213,7 @@ class _EpochDistortedDataset(Dataset):
 
     def epoch_images(self, epoch: int) -> Tensor:
         """All training images, standardised, as distorted in ``epoch``."""
-        if epoch != self._epoch:
+        if epoch != self._epoch or self._distorted is None:  # both None before the first epoch
             generator = torch.Generator().manual_seed(derived_seed(self.seed, Stream.TRAIN_DISTORTION, epoch))
             self._distorted = (self.distortion(self.images, generator) - self.mean) / self.std
             self._epoch = epoch
@@ -281,7 +288,7 @@ class HardDigitsDataMixin(DigitsDataMixin):
 
     def _build_datasets(self, splits: dict[str, tuple[Tensor, Tensor]]) -> None:
         seed = self.hparams.seed
-        self.train_dataset = _EpochDistortedDataset(*splits["train"], self.distortion, self.mean, self.std, seed)
+        self.train_dataset = _EpochDistortedDataset(*splits["train"], self.distortion, *self._statistics(), seed)
         fixed = {}
         for name, stream in (("val", Stream.VAL_DISTORTION), ("test", Stream.TEST_DISTORTION)):
             images, labels = splits[name]

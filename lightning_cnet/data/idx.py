@@ -273,7 +273,9 @@ class IDXDataMixin(SplitDataMixin):
                 self._locate()
             except DatasetNotFoundError:
                 root = Path(self.hparams.data_dir).expanduser().resolve()
-                self.info.torchvision(str(root), train=True, download=True)
+                fetch = self.info.torchvision
+                assert fetch is not None  # __init__ refuses download=True for a dataset without one
+                fetch(str(root), train=True, download=True)
         self._locate()
 
     def _load(self, split: str) -> tuple[Tensor, Tensor]:
@@ -318,6 +320,8 @@ class IDXDataMixin(SplitDataMixin):
             self.test_dataset = TensorDataset(self._standardise(images), labels)
 
     def _standardise(self, images: Tensor) -> Tensor:
+        if self.mean is None or self.std is None:
+            raise RuntimeError(f"{type(self).__name__}: the training mean and std are computed in setup(), first")
         return (images - self.mean) / self.std
 
     def _build_train_val(self, images: Tensor, labels: Tensor, val_images: Tensor, val_labels: Tensor) -> None:
