@@ -56,7 +56,9 @@ def _outputs(model: ContinuousNet, batches: Sequence[Batch], stage_inputs: list[
     The first stage's input is the stem's output, the same at every manifestation: its output from the whole
     network is taken as it is rather than computed a second time from ``stage_inputs``.
     """
-    logits, inputs, outputs = [], [[] for _ in model.stages], [[] for _ in model.stages]
+    logits: list[torch.Tensor] = []
+    inputs: list[list[torch.Tensor]] = [[] for _ in model.stages]
+    outputs: list[list[torch.Tensor]] = [[] for _ in model.stages]
 
     def record(index: int) -> Any:
         def hook(module: Any, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:

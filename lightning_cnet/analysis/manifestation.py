@@ -67,7 +67,8 @@ def step_grid(largest: int) -> list[int]:
         >>> step_grid(16)
         [1, 2, 3, 4, 6, 8, 12, 16]
     """
-    grid, power = set(), 1
+    grid: set[int] = set()
+    power = 1
     while power <= largest:
         grid.update(n for n in (power, 3 * power // 2) if n <= largest)
         power *= 2
@@ -142,6 +143,7 @@ class _Evaluator:
         with self.model.manifestation(scheme=scheme, n_steps=n_steps), statistics_restored(self.model):
             work = self.work(mode)
             if mode == RECALIBRATED:
+                assert self.recalibration is not None  # the mode is only planned with recalibration batches
                 recalibrate_bn(self.model, self.recalibration)
             result = self.evaluate()
         self.bar.update(work)
