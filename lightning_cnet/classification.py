@@ -90,7 +90,8 @@ class ClassificationTask(BackboneTask):
         self.metrics = nn.ModuleDict({f"{split}_metrics": collection.clone(prefix=f"{split}_") for split in SPLITS})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run_backbone(x)
+        logits: torch.Tensor = self.run_backbone(x)
+        return logits
 
     # ------------------------------------------------------------------ steps
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, split: str) -> torch.Tensor:
@@ -118,4 +119,5 @@ class ClassificationTask(BackboneTask):
         return self._shared_step(batch, batch_idx, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self(model_input(batch, self)).softmax(dim=-1)
+        logits: torch.Tensor = self(model_input(batch, self))
+        return logits.softmax(dim=-1)

@@ -39,12 +39,13 @@ from typing import Any, NoReturn
 
 import pytorch_lightning as pl
 import yaml
+from lightning_fabric.utilities.exceptions import MisconfigurationException  # pytorch_lightning's, defined here
 from pytorch_lightning.callbacks import BasePredictionWriter, Callback, ModelCheckpoint, ProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, LRSchedulerTypeUnion
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins.io import CheckpointIO, TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
-from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.optim import Optimizer
 
 from lightning_cnet import __version__
@@ -415,7 +416,8 @@ def _model_class(config: Any) -> type | None:
         return None
     module, name = class_path.rsplit(".", 1)
     try:
-        return getattr(import_module(module), name)
+        found: type | None = getattr(import_module(module), name)
+        return found
     except (ImportError, AttributeError):
         return None
 
@@ -488,7 +490,7 @@ def _raised_in(err: BaseException, modules: tuple[str, ...]) -> bool:
         return False
     while traceback.tb_next is not None:
         traceback = traceback.tb_next
-    return traceback.tb_frame.f_globals.get("__name__", "").startswith(modules)
+    return bool(traceback.tb_frame.f_globals.get("__name__", "").startswith(modules))
 
 
 # ---------------------------------------------------------------------- arguments taken from the data

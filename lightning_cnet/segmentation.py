@@ -124,7 +124,8 @@ class SegmentationTask(BackboneTask):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class scores ``[B, num_classes, H, W]`` for images ``[B, in_chans, H, W]``."""
-        return self.decoder(self.run_backbone(x), x.shape[-2:])
+        scores: torch.Tensor = self.decoder(self.run_backbone(x), x.shape[-2:])
+        return scores
 
     # ------------------------------------------------------------------ steps
     def _shared_step(self, batch: Any, batch_idx: int, split: str) -> torch.Tensor:
@@ -154,4 +155,5 @@ class SegmentationTask(BackboneTask):
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Per-pixel class probabilities ``[B, num_classes, H, W]``."""
-        return self(model_input(batch, self)).softmax(dim=1)
+        scores: torch.Tensor = self(model_input(batch, self))
+        return scores.softmax(dim=1)

@@ -47,7 +47,8 @@ DATA_ARGUMENTS = ("num_classes", "in_chans")
 def _call_backbone(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The backbone's forward, as :class:`CompiledBackbone` compiles it: the backbone is an argument, so that every copy
     of a task (``copy.deepcopy`` by weight-averaging callbacks) runs its own backbone through the same compiled code."""
-    return model(x)
+    logits: torch.Tensor = model(x)
+    return logits
 
 
 def build_backbone(model: str, model_kwargs: Mapping[str, Any] | None = None,

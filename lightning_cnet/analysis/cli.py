@@ -117,7 +117,8 @@ def model_class(config_path: Path | None) -> type | None:
     try:
         parser.parse_object({"model": {"class_path": class_path}})
         module, name = str(class_path).rsplit(".", 1)
-        return getattr(__import__(module, fromlist=[name]), name)
+        found: type | None = getattr(__import__(module, fromlist=[name]), name)
+        return found
     except Exception as error:  # noqa: BLE001 - a class path jsonargparse refuses is bad input
         raise UsageError(f"{config_path}: model.class_path {class_path!r} is not a LightningModule the package can "
                          f"load: {one_line(error)}") from None

@@ -50,7 +50,9 @@ from lightning_cnet.models import ContinuousNet
 
 
 @torch.inference_mode()
-def _outputs(model: ContinuousNet, batches: Sequence[Batch], stage_inputs: list[list[torch.Tensor]] | None):
+def _outputs(
+    model: ContinuousNet, batches: Sequence[Batch], stage_inputs: list[list[torch.Tensor]] | None
+) -> tuple[list[torch.Tensor], list[list[torch.Tensor]], list[list[torch.Tensor]]]:
     """Logits per batch and, per stage, its output (from ``stage_inputs`` if given) and its input, per batch.
 
     The first stage's input is the stem's output, the same at every manifestation: its output from the whole

@@ -46,7 +46,7 @@ def seeded_split(n: int, n_val: int, seed: int) -> tuple[list[int], list[int]]:
     return sorted(perm[n_val:].tolist()), sorted(perm[:n_val].tolist())
 
 
-class TransformedSubset(Dataset):
+class TransformedSubset(Dataset[Any]):
     """The samples ``indices`` of ``dataset``, with ``transform`` applied to each image.
 
     Lets the training and validation parts of one loaded dataset use different transforms
@@ -68,7 +68,7 @@ class TransformedSubset(Dataset):
     """
 
     def __init__(
-        self, dataset: Dataset, indices: Sequence[int], transform: Callable[[Any], Any], *, seed: int | None = None
+        self, dataset: Dataset[Any], indices: Sequence[int], transform: Callable[[Any], Any], *, seed: int | None = None
     ) -> None:
         self.dataset = dataset
         self.indices = list(indices)
@@ -105,17 +105,17 @@ class SplitDataMixin:
 
     def __init__(self) -> None:
         super().__init__()
-        self.train_dataset: Dataset | None = None
-        self.val_dataset: Dataset | None = None
-        self.test_dataset: Dataset | None = None
+        self.train_dataset: Dataset[Any] | None = None
+        self.val_dataset: Dataset[Any] | None = None
+        self.test_dataset: Dataset[Any] | None = None
 
-    def _checked(self, dataset: Dataset | None) -> Dataset:
+    def _checked(self, dataset: Dataset[Any] | None) -> Dataset[Any]:
         """``dataset``, or a ``RuntimeError`` if ``setup`` has not built it."""
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run for this stage before its dataloader")
         return dataset
 
-    def _loader(self, dataset: Dataset | None) -> DataLoader:
+    def _loader(self, dataset: Dataset[Any] | None) -> DataLoader[Any]:
         workers = self.hparams.num_workers
         return DataLoader(
             self._checked(dataset),
@@ -125,7 +125,7 @@ class SplitDataMixin:
             pin_memory=torch.cuda.is_available(),
         )
 
-    def train_sampler(self, n: int) -> Sampler:
+    def train_sampler(self, n: int) -> Sampler[Any]:
         """The training order of ``n`` samples: an :class:`EpochKeySampler` seeded with ``seed``."""
         return EpochKeySampler(n, self.hparams.seed)
 
@@ -141,14 +141,14 @@ class SplitDataMixin:
             pin_memory=torch.cuda.is_available(),
         )
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader[Any]:
         """Validation batches, in a fixed order and without augmentation."""
         return self._loader(self.val_dataset)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader[Any]:
         """Test batches, in a fixed order."""
         return self._loader(self.test_dataset)
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> DataLoader[Any]:
         """The test images and labels, in the order of ``test_dataloader``."""
         return self._loader(self.test_dataset)

@@ -6,6 +6,8 @@ concrete for ``pytorch_lightning`` and ``lightning.pytorch``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -71,7 +73,7 @@ def digit_canvases(
     return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(masks)
 
 
-class SegmentationDataset(Dataset):
+class SegmentationDataset(Dataset[Any]):
     """Images and masks held in memory, served as ``{"image": [C, H, W], "mask": [H, W]}`` samples."""
 
     def __init__(self, images: Tensor, masks: Tensor) -> None:
@@ -167,7 +169,7 @@ class DigitCanvasDataMixin(SplitDataMixin):
     @property
     def image_size(self) -> int:
         """Side of the square images in every batch."""
-        return self.hparams.canvas_size
+        return int(self.hparams.canvas_size)
 
     def setup(self, stage: str | None = None) -> None:
         """Draw the canvases of all three splits and standardise them (once; later calls do nothing).
@@ -197,6 +199,6 @@ class DigitCanvasDataMixin(SplitDataMixin):
             for name in ("train", "val", "test")
         )
 
-    def train_sampler(self, n: int) -> Sampler:
+    def train_sampler(self, n: int) -> Sampler[Any]:
         """The training order: an :class:`~lightning_cnet.data.sampling.EpochSampler` seeded with ``seed``."""
         return EpochSampler(n, self.hparams.seed)

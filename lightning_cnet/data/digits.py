@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -111,7 +112,7 @@ class DigitsDataMixin(SplitDataMixin):
     @property
     def image_size(self) -> int:
         """Side of the square images in every batch."""
-        return self.hparams.image_size
+        return int(self.hparams.image_size)
 
     def setup(self, stage: str | None = None) -> None:
         """Load, split, upsample and standardise all three splits (once; later calls do nothing).
@@ -141,7 +142,7 @@ class DigitsDataMixin(SplitDataMixin):
             TensorDataset(self._standardise(splits[name][0]), splits[name][1]) for name in ("train", "val", "test")
         )
 
-    def train_sampler(self, n: int) -> Sampler:
+    def train_sampler(self, n: int) -> Sampler[Any]:
         """The training order: an :class:`~lightning_cnet.data.sampling.EpochSampler` seeded with ``seed``."""
         return EpochSampler(n, self.hparams.seed)
 
@@ -188,7 +189,7 @@ class AffineNoise:
         return distorted + self.noise * torch.randn(distorted.shape, generator=generator, dtype=images.dtype)
 
 
-class _EpochDistortedDataset(Dataset):
+class _EpochDistortedDataset(Dataset[Any]):
     """Training digits distorted afresh each epoch, reproducibly from ``(seed, epoch)``.
 
     Items are addressed by ``(epoch, index)`` keys as yielded by ``EpochKeySampler``; a plain
@@ -296,6 +297,6 @@ class HardDigitsDataMixin(DigitsDataMixin):
             fixed[name] = TensorDataset(self._standardise(self.distortion(images, generator)), labels)
         self.val_dataset, self.test_dataset = fixed["val"], fixed["test"]
 
-    def train_sampler(self, n: int) -> Sampler:
+    def train_sampler(self, n: int) -> Sampler[Any]:
         """The training order, with each index tagged by its epoch (the distortions are drawn per epoch)."""
         return EpochKeySampler(n, self.hparams.seed)

@@ -15,6 +15,7 @@ import gzip
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -198,7 +199,7 @@ class IDXDataMixin(SplitDataMixin):
     @property
     def num_classes(self) -> int:
         """Number of classes."""
-        return self.hparams.num_classes
+        return int(self.hparams.num_classes)
 
     @property
     def in_chans(self) -> int:
@@ -221,7 +222,7 @@ class IDXDataMixin(SplitDataMixin):
         height, width = struct.unpack(">2I", header[8:16])
         if height != width:
             raise ValueError(f"{path} holds {height}x{width} images; IDXDataModule needs square ones")
-        return height
+        return int(height)
 
     # ------------------------------------------------------------------ files
     def search_dirs(self) -> list[Path]:
@@ -337,7 +338,7 @@ class IDXDataMixin(SplitDataMixin):
         self.train_dataset = TransformedSubset(TensorDataset(images, labels), range(len(labels)),
                                                transforms.Compose(steps), seed=self.hparams.seed)
 
-    def train_sampler(self, n: int) -> Sampler:
+    def train_sampler(self, n: int) -> Sampler[Any]:
         """The training order; indices are tagged with their epoch when augmentation draws per epoch."""
         if self.hparams.augment:
             return EpochKeySampler(n, self.hparams.seed)

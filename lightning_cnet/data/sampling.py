@@ -158,7 +158,7 @@ class _EpochCounting(Protocol):
     epoch: int
 
 
-class ResumableDataLoader(DataLoader):
+class ResumableDataLoader(DataLoader[Any]):
     """A training ``DataLoader`` whose position in the epoch goes into Lightning checkpoints.
 
     :meth:`state_dict` records the epoch of the current pass and how many batches it has handed out.
@@ -197,7 +197,7 @@ class ResumableDataLoader(DataLoader):
         True
     """
 
-    def __init__(self, dataset: Dataset, *, seed: int, **kwargs: Any) -> None:
+    def __init__(self, dataset: Dataset[Any], *, seed: int, **kwargs: Any) -> None:
         check_integer("seed", seed, minimum=0)
         if kwargs.pop("persistent_workers", False):
             raise ValueError("`persistent_workers` must be off: ResumableDataLoader starts its workers every epoch")
