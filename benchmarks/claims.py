@@ -117,6 +117,15 @@ def _mean_std(values: Sequence[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {spread:.1f}"
 
 
+def _fitted_order(orders: dict[int, list[dict[str, str]]], seeds: Sequence[int], scheme: str, aligned: str) -> str:
+    """Mean ± std over seeds of the fitted order of the logits for ``scheme`` (``aligned``: 'True' or 'False')."""
+    values = [float(r["fitted_order"]) for s in seeds for r in orders[s]
+              if (r["scheme"], r["output"], r["aligned"]) == (scheme, "logits", aligned)]
+    values = [v for v in values if v == v]
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0:.2f}" \
+        if values else "-"
+
+
 def tables(out: Path, seeds: Sequence[int]) -> str:
     """Markdown tables of the studies, means and standard deviations over seeds."""
     lines = []
@@ -147,21 +156,18 @@ def tables(out: Path, seeds: Sequence[int]) -> str:
         distances = [float(r["logit_distance"]) for s in seeds for r in manifestation[model, s]
                      if r["trained"] == "True" and r["bn"] == "as trained"]
         spread = statistics.stdev(distances) if len(distances) > 1 else 0.0
-        lines.append(f"| {model} | {statistics.mean(distances):.3g} ± {spread:.2g} |" if distances else f"| {model} | - |")
+        lines.append(f"| {model} | {statistics.mean(distances):.3g} ± {spread:.2g} |"
+                     if distances else f"| {model} | - |")
 
     lines += ["\nFitted order of convergence of the logits (slope of log error against log N, N >= the pieces), "
-              "mean ± std over seeds.\n", "| model | scheme | tableau order | aligned N | other N |", "|---|---|---|---|---|"]
+              "mean ± std over seeds.\n", "| model | scheme | tableau order | aligned N | other N |",
+              "|---|---|---|---|---|"]
     for model in MODELS:
         orders = {s: _read(out / "analysis" / f"{model}_s{s}" / "convergence_orders.csv") for s in seeds}
         for scheme in dict.fromkeys(r["scheme"] for r in orders[seeds[0]]):
-            def fitted(aligned: str) -> str:
-                values = [float(r["fitted_order"]) for s in seeds for r in orders[s]
-                          if (r["scheme"], r["output"], r["aligned"]) == (scheme, "logits", aligned)]
-                values = [v for v in values if v == v]
-                return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0:.2f}" \
-                    if values else "-"
             order = next(r["tableau_order"] for r in orders[seeds[0]] if r["scheme"] == scheme)
-            lines.append(f"| {model} | {scheme} | {order} | {fitted('True')} | {fitted('False')} |")
+            lines.append(f"| {model} | {scheme} | {order} | {_fitted_order(orders, seeds, scheme, 'True')} | "
+                         f"{_fitted_order(orders, seeds, scheme, 'False')} |")
 
     lines += ["\nCompression without data (L2 projection onto K pieces, N steps): test accuracy (%) and parameters; "
               "mean ± std over seeds.\n"]
@@ -173,7 +179,8 @@ def tables(out: Path, seeds: Sequence[int]) -> str:
         cells = [_mean_std([100 * float(r["accuracy"]) for s in seeds for r in compression[model, s]
                             if (int(r["n_basis"]), int(r["n_steps"])) == pair]) for pair in pairs]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    parameters = {(int(r["n_basis"]), int(r["n_steps"])): r["parameters"] for r in compression[next(iter(MODELS)), seeds[0]]}
+    parameters = {(int(r["n_basis"]), int(r["n_steps"])): r["parameters"]
+                  for r in compression[next(iter(MODELS)), seeds[0]]}
     lines.append("| parameters | " + " | ".join(f"{int(parameters[p]):,}" for p in pairs) + " |")
     return "\n".join(lines) + "\n"
 

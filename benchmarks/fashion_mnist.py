@@ -230,7 +230,8 @@ def claim_c(rows: Sequence[dict[str, Any]], lrs: Sequence[float], seeds: Sequenc
     """The learning-rate search, refined against full depth at their rates, and the variants of the refined run."""
     rates = {method: rate_search(rows, method, lrs, seeds[0], most) for method in ("refined", "full")}
     lines = [f"\nLearning rates on seed {seeds[0]} (chosen: best validation accuracy, **bold**).\n",
-             "| method | lr | val % | test % | stages off % | wall s | CPU s | load |", "|---|---|---|---|---|---|---|---|"]
+             "| method | lr | val % | test % | stages off % | wall s | CPU s | load |",
+             "|---|---|---|---|---|---|---|---|"]
     for method, (tried, chosen) in rates.items():
         for lr in tried:
             for row in rows:
@@ -270,7 +271,8 @@ def claim_c(rows: Sequence[dict[str, Any]], lrs: Sequence[float], seeds: Sequenc
             f"{_mean_std([r['test_acc_stages_off'] for r in values], 1)} | "
             f"{', '.join(str(r['final_steps']) for r in values)} | "
             f"{'; '.join(r['refine_epochs'] or '-' for r in values) if method == 'refined' else '-'} | "
-            f"{_median_range(walls) if method == 'refined' else '1'} | {_median_range(cpus) if method == 'refined' else '1'} | "
+            f"{_median_range(walls) if method == 'refined' else '1'} | "
+            f"{_median_range(cpus) if method == 'refined' else '1'} | "
             f"{_mean_std([r['cpu'] / 60 for r in values], 1)} | {min(r['load'] for r in values):.1f}-"
             f"{max(r['load'] for r in values):.1f} |")
     return lines
@@ -319,13 +321,14 @@ def claims_b_d(out: Path, seeds: Sequence[int]) -> list[str]:
             lines.append(f"| {method} | {len(keys)} | " + " | ".join(cells) + " |")
     lines.append("| parameters | | " + " | ".join(f"{int(r['parameters']):,}" for r in first) + " |")
     lines += ["\nMean relative jump between neighbouring pieces of theta(t), per stage (0: pieces equal; ~1.4: "
-              "unrelated), mean ± std over the seeds measured.\n", "| model | stage 0 | stage 1 | stage 2 |", "|---|---|---|---|"]
+              "unrelated), mean ± std over the seeds measured.\n", "| model | stage 0 | stage 1 | stage 2 |",
+              "|---|---|---|---|"]
     for method in ("refined", "full"):
         keys = [key for key in done if key[0] == method and (done[key] / "depth_stages.csv").is_file()]
         if keys:
             stages = [_read_csv(done[key] / "depth_stages.csv") for key in keys]
-            cells = [_mean_std([float(r["mean_relative_jump"]) for rows in stages for r in rows if int(r["stage"]) == i],
-                               3) for i in range(3)]
+            cells = [_mean_std([float(r["mean_relative_jump"]) for rows in stages for r in rows
+                                if int(r["stage"]) == i], 3) for i in range(3)]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     costs = [json.loads((path / "cost.json").read_text())["cpu_seconds"] for path in done.values()]
     lines.append(f"\nStudy of one model: {statistics.mean(costs) / 60:.1f} CPU-minutes on average.")

@@ -70,16 +70,16 @@ def main() -> None:
             rows.append(row)
             print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
 
-    print(f"\nhard digits {args.image_size}x{args.image_size}, refined 1 -> {base.final_steps} at {list(base.refine_at)}, "
-          f"{base.epochs} epochs, seeds {args.seeds}; lr chosen on validation")
+    print(f"\nhard digits {args.image_size}x{args.image_size}, refined 1 -> {base.final_steps} at "
+          f"{list(base.refine_at)}, {base.epochs} epochs, seeds {args.seeds}; lr chosen on validation")
     print(f"{'scheme':9s} {'T':>4s} {'lr':>5s} | {'val %':>6s} {'test % (mean +- std)':>21s} {'stages off %':>13s} "
           f"{'wall s':>7s}")
     for scheme, depth in itertools.product(args.schemes, args.T):
         by_lr = {lr: _summary([r for r in rows if (r["scheme"], r["T"], r["lr"]) == (scheme, depth, lr)])
                  for lr in args.lrs}
         lr, best = max(by_lr.items(), key=lambda item: item[1]["val"])
-        print(f"{scheme:9s} {depth:4.1f} {lr:5.2f} | {best['val']:6.2f} {best['test']:13.2f} +- {best['test_std']:5.2f} "
-              f"{best['off']:13.2f} {best['wall']:7.1f}")
+        print(f"{scheme:9s} {depth:4.1f} {lr:5.2f} | {best['val']:6.2f} {best['test']:13.2f} "
+              f"+- {best['test_std']:5.2f} {best['off']:13.2f} {best['wall']:7.1f}")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ Each peer gets its best use: the cheapest piece lookup (an integer from the floa
 Rows: one stage (``[B, 16, 32, 32]``) and the whole ``cnet_cifar`` (stem, stitches and head shared, the three
 stages integrated by the contender); euler, midpoint and rk4; batch 8 and 128; a training step (forward, loss,
 backward, SGD step) and inference (``eval()``, ``no_grad``). Before timing, every contender's output is checked
-against lightning-cnet's with the same tableau (eval and training mode, in float32). Timing is interleaved, the order rotated
-every repeat; a row reports each peer's time relative to lightning-cnet's (median of per-repeat ratios; above 1:
+against lightning-cnet's with the same tableau (eval and training mode, in float32). Timing is interleaved, the order
+rotated every repeat; a row reports each peer's time relative to lightning-cnet's (median of per-repeat ratios; above 1:
 lightning-cnet is faster). Targets: lightning-cnet never slower than either peer in any row, and at least 1.15x
 faster than torchdiffeq in training at batch 128.
 
@@ -245,6 +245,16 @@ def verdict(rows: Sequence[Row]) -> str:
     return "+" if ok else "!"
 
 
+def _ratio_cell(by_name: dict[str, Row], name: str, width: int, spread: bool) -> str:
+    """The contender ``name``'s time relative to lightning-cnet's, right-aligned in ``width`` columns ('-' when it
+    did not run)."""
+    if name not in by_name:
+        return f"{'-':>{width}}"
+    row = by_name[name]
+    text = f"{row.ratio:.2f}x" + (f" [{row.ratio_q1:.2f}, {row.ratio_q3:.2f}]" if spread else "")
+    return f"{text:>{width}}"
+
+
 def print_table(rows: Sequence[Row]) -> None:
     print(f"{'scope':<6}{'scheme':>9}{'batch':>6}{'mode':>6} | {'cnet ms':>15} | {'resnet':>7}{'torchdiffeq':>21}"
           f"{'torchdyn':>21} | ok | {'max rel diff':>12}")
@@ -254,17 +264,10 @@ def print_table(rows: Sequence[Row]) -> None:
     for (scope, scheme, batch, mode), group in groups.items():
         by_name = {row.contender: row for row in group}
         ours = " / ".join(f"{by_name[f'cnet[{t}]'].ms:.1f}" for t in OURS[scheme])
-
-        def cell(name: str, width: int, spread: bool) -> str:
-            if name not in by_name:
-                return f"{'-':>{width}}"
-            row = by_name[name]
-            text = f"{row.ratio:.2f}x" + (f" [{row.ratio_q1:.2f}, {row.ratio_q3:.2f}]" if spread else "")
-            return f"{text:>{width}}"
-
         worst = max(row.max_rel_diff for row in group)
-        print(f"{scope:<6}{scheme:>9}{batch:>6}{mode:>6} | {ours:>15} | {cell('resnet', 7, False)}"
-              f"{cell('torchdiffeq', 21, True)}{cell('torchdyn', 21, True)} | {verdict(group):>2} | {worst:>12.1e}")
+        print(f"{scope:<6}{scheme:>9}{batch:>6}{mode:>6} | {ours:>15} | {_ratio_cell(by_name, 'resnet', 7, False)}"
+              f"{_ratio_cell(by_name, 'torchdiffeq', 21, True)}{_ratio_cell(by_name, 'torchdyn', 21, True)} | "
+              f"{verdict(group):>2} | {worst:>12.1e}")
     print("# cnet ms: lightning-cnet per call (rk4 rows: rk4_38 / classic rk4); resnet, torchdiffeq, torchdyn: their "
           "time / lightning-cnet's with the same tableau, median [q1, q3] of per-repeat ratios (> 1: lightning-cnet "
           f"is faster); ok '+': faster than both peers (and >= {TRAIN_TARGET}x torchdiffeq in training at batch 128)")

@@ -161,7 +161,8 @@ def main() -> None:
             if args.no_variants:
                 continue
             refined = base.replace(T=depth, lr=chosen_rates(rows)[depth, "refined"])
-            variants = {**VARIANTS, f"+{args.extra_epochs} epochs at the end": {"epochs": base.epochs + args.extra_epochs}}
+            variants = {**VARIANTS,
+                        f"+{args.extra_epochs} epochs at the end": {"epochs": base.epochs + args.extra_epochs}}
             for variant, changes in variants.items():
                 for seed in args.seeds:
                     _record(handle, writer, rows, refined.replace(seed=seed, **changes), "refined", variant)

@@ -6,7 +6,8 @@ serves ``pytorch_lightning`` (:class:`DepthRefinementCallback`, here) and ``ligh
 
 What a refinement does, at the start of a scheduled epoch and on every rank at the same point:
 
-1. (optional) measure the module's own validation metric (:class:`~lightning_cnet.callbacks.quick_eval.ValidationMetric`);
+1. (optional) measure the module's own validation metric
+   (:class:`~lightning_cnet.callbacks.quick_eval.ValidationMetric`);
 2. refine every :class:`~lightning_cnet.models.ContinuousNet` inside the LightningModule in place
    (``K -> 2K``, ``N -> step_factor * N``, ``T`` fixed), with optional seeded multiplicative weight noise;
 3. refine the averaged copies kept by weight-averaging callbacks (EMA, SWA), without noise;
@@ -72,9 +73,10 @@ def is_refinable(module: nn.Module) -> bool:
     return callable(getattr(module, "refine", None)) and hasattr(module, "stage_resolutions")
 
 
-def refinable_modules(module: nn.Module) -> list[nn.Module]:
-    """The outermost refinable modules inside ``module`` (``module`` itself included), in module order."""
-    found: list[nn.Module] = []
+def refinable_modules(module: nn.Module) -> list[Any]:
+    """The outermost refinable modules inside ``module`` (``module`` itself included), in module order (typed
+    ``Any``: refinable is duck-typed, see :func:`is_refinable`)."""
+    found: list[Any] = []
     inside: set[int] = set()
     for _, child in module.named_modules():
         if id(child) in inside:
@@ -85,7 +87,7 @@ def refinable_modules(module: nn.Module) -> list[nn.Module]:
     return found
 
 
-def _n_steps(net: nn.Module) -> tuple[int, ...]:
+def _n_steps(net: Any) -> tuple[int, ...]:
     return tuple(stage.n_steps for stage in net.stage_resolutions)
 
 
@@ -336,9 +338,10 @@ class DepthRefinementMixin:
         self._check_cost(trainer, nets)
         epochs = self.schedule.epochs
         if epochs and trainer.max_epochs is not None and trainer.max_epochs > 0 and epochs[-1] >= trainer.max_epochs:
-            self.lightning.rank_zero_warn(f"refine_at={epochs} reaches past max_epochs={trainer.max_epochs}: later epochs never run")
+            self.lightning.rank_zero_warn(
+                f"refine_at={epochs} reaches past max_epochs={trainer.max_epochs}: later epochs never run")
 
-    def _check_cost(self, trainer: Any, nets: list[nn.Module]) -> None:
+    def _check_cost(self, trainer: Any, nets: list[Any]) -> None:
         """Refuse a schedule whose last refinement would not fit (see :mod:`lightning_cnet.cost`), before training."""
         last_epoch = trainer.max_epochs - 1 if trainer.max_epochs is not None and trainer.max_epochs > 0 else (
             self.schedule.epochs[-1] if self.schedule.epochs else None)
@@ -416,7 +419,7 @@ class DepthRefinementMixin:
             self.schedule.load_state_dict(state_dict["schedule"])
 
     # ------------------------------------------------------------------ levels
-    def _level_of(self, nets: list[nn.Module]) -> int:
+    def _level_of(self, nets: list[Any]) -> int:
         """Refinements of every stage's basis from its resolution as built (at ``setup``) to its resolution now, if
         all stages agree (0 otherwise, or for stages that do not say their basis)."""
         levels = set()
@@ -444,7 +447,7 @@ class DepthRefinementMixin:
     def _generator(self, level: int) -> torch.Generator:
         return torch.Generator().manual_seed((self.seed * 1_000_003 + level) % 2**63)
 
-    def _refine_once(self, trainer: Any, pl_module: Any, nets: list[nn.Module], epoch: int, level: int) -> None:
+    def _refine_once(self, trainer: Any, pl_module: Any, nets: list[Any], epoch: int, level: int) -> None:
         _refuse_non_finite(pl_module, epoch)
         measured_before = self._measured(trainer, pl_module)
         before = [_n_steps(net) for net in nets]

@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import nn
@@ -71,7 +71,7 @@ def nonfinite_names(named_tensors: Sequence[tuple[str, torch.Tensor]]) -> list[s
     return [name for (name, _), finite in zip(named_tensors, flags) if not finite]
 
 
-def is_float_tensor(value: Any) -> bool:
+def is_float_tensor(value: Any) -> TypeGuard[torch.Tensor]:
     """Whether ``value`` is a dense floating-point tensor (what the checks look at)."""
     return isinstance(value, torch.Tensor) and value.is_floating_point() and not value.is_sparse
 

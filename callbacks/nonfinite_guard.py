@@ -455,7 +455,8 @@ class NonFiniteGuardMixin:
 
 def _reduced(trainer: Any, values: torch.Tensor) -> torch.Tensor:
     """``values`` summed over all ranks (the identity on one device), as a 1-d tensor."""
-    return trainer.strategy.reduce(values.reshape(-1), reduce_op="sum")
+    summed: torch.Tensor = trainer.strategy.reduce(values.reshape(-1), reduce_op="sum")
+    return summed
 
 
 def _fitting(trainer: Any) -> bool:

@@ -50,7 +50,9 @@ def _combined_state(
         elif key == "step" and value.numel() == 1:
             combined[key] = value.clone()
         elif value.shape == param.shape:
-            total = sum(state[key].to(torch.float64) * c for state, c in sources if isinstance(state.get(key), torch.Tensor))
+            zero = torch.zeros((), dtype=torch.float64, device=value.device)
+            total = sum((entry.to(torch.float64) * c for state, c in sources
+                         if isinstance(entry := state.get(key), torch.Tensor)), zero)
             tensor = total.to(value.dtype)
             combined[key] = tensor.clamp_(min=0) if "sq" in key else tensor
         else:
@@ -100,7 +102,8 @@ def replace_parameters(
     for change in changes:
         if optimizer_state == "interpolate":
             for param in change.new:
-                sources = [(optimizer.state[old], c) for old, c in change.sources.get(param, ()) if optimizer.state.get(old)]
+                sources = [(optimizer.state[old], c) for old, c in change.sources.get(param, ())
+                           if optimizer.state.get(old)]
                 state = _combined_state(sources, param) if sources else None
                 if state is not None:
                     optimizer.state[param] = state

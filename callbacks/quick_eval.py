@@ -71,7 +71,7 @@ def training_inputs(trainer: Any, pl_module: Any, count: int) -> list[Any]:
     else:
         source = torch.utils.data.DataLoader(dataset, batch_size=loader.batch_size or 1, shuffle=False,
                                              collate_fn=loader.collate_fn)
-    inputs = []
+    inputs: list[Any] = []
     with torch.random.fork_rng(devices=[]):
         for batch in source:
             if len(inputs) >= count:
@@ -165,7 +165,7 @@ class ValidationMetric:
             with evaluation_mode(pl_module), metric_states_kept(pl_module):
                 result = self.metric(trainer, pl_module)
             if isinstance(result, Real) or (isinstance(result, torch.Tensor) and result.numel() == 1):
-                values = {self.monitor or getattr(self.metric, "__name__", "metric"): float(result)}
+                values = {str(self.monitor or getattr(self.metric, "__name__", "metric")): float(result)}
             elif isinstance(result, Mapping):
                 values = {str(key): float(value) for key, value in result.items()}
             else:

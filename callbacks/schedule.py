@@ -69,8 +69,9 @@ class RefinementSchedule:
             )
         entries = [refine_at] if isinstance(refine_at, (int, float)) else list(refine_at)
         self._entries = [_check_entry(value) for value in entries]
-        if all(isinstance(value, int) for value in self._entries):
-            self._epochs = self._checked_order(self._entries)
+        epochs = [value for value in self._entries if isinstance(value, int)]
+        if len(epochs) == len(self._entries):
+            self._epochs = self._checked_order(epochs)
 
     @staticmethod
     def _checked_order(epochs: list[int], source: Sequence[int | float] | None = None) -> list[int]:

@@ -111,7 +111,7 @@ class TrainingStateSnapshot:
                     live = optimizer.state.get(param)
                     if not kept:
                         optimizer.state.pop(param, None)
-                    elif _same_layout(kept, live):
+                    elif live is not None and _same_layout(kept, live):
                         for key, value in kept.items():
                             if isinstance(value, torch.Tensor):
                                 targets.append(live[key])

@@ -73,8 +73,8 @@ class Namespace:
 def pytorch_lightning_namespace() -> Namespace:
     """The ``pytorch_lightning`` namespace."""
     import pytorch_lightning
+    from lightning_fabric.utilities.exceptions import MisconfigurationException  # pytorch_lightning's, defined here
     from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
-    from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
     return Namespace("pytorch_lightning", pytorch_lightning, MisconfigurationException, rank_zero_info, rank_zero_warn)
 
@@ -88,8 +88,8 @@ def lightning_namespace() -> Namespace:
     """
     try:
         import lightning.pytorch as lightning_pytorch
+        from lightning.fabric.utilities.exceptions import MisconfigurationException  # lightning.pytorch's
         from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-        from lightning.pytorch.utilities.exceptions import MisconfigurationException
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError(
             "lightning_cnet.lightning needs the `lightning` package (pip install lightning); with pytorch_lightning "

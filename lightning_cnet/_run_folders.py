@@ -22,14 +22,13 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lightning_cnet._atomic import is_local
 from lightning_cnet._cli_common import UsageError
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ModelCheckpoint
 
 
 class Claim:
@@ -47,9 +46,10 @@ class Claim:
         self.locks = []
 
 
-def checkpoint_folder(callback: ModelCheckpoint, trainer: pl.Trainer) -> str:
+def checkpoint_folder(callback: Any, trainer: pl.Trainer) -> str:
     """Where a ModelCheckpoint writes: its ``dirpath``, or the folder Lightning derives from the first logger (as
-    ``ModelCheckpoint`` does at setup); a string, so that a URL keeps its ``//``."""
+    ``ModelCheckpoint`` does at setup); a string, so that a URL keeps its ``//``. ``callback``: a checkpoint callback
+    with a ``dirpath`` (a ``ModelCheckpoint`` of either Lightning namespace)."""
     if callback.dirpath is not None:
         return str(callback.dirpath)
     if trainer.loggers:
@@ -89,7 +89,7 @@ def claim(folders: list[Path]) -> Claim:
         UsageError: a folder cannot be created, or another lightning-cnet run is writing to one of them (of what this
             call created, only folders still empty are removed then).
     """
-    created = []
+    created: list[Path] = []
     for directory in _directories_to_be_created(folders):
         try:
             directory.mkdir()

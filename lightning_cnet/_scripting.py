@@ -27,7 +27,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-ModuleClass = TypeVar("ModuleClass", bound=type)
+ModuleClass = TypeVar("ModuleClass", bound=type[nn.Module])
 
 
 def evaluated_forward_annotations(cls: ModuleClass) -> ModuleClass:

@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import fields, is_dataclass
 from typing import Any
 
@@ -99,7 +99,8 @@ def to_device(value: Any, device: torch.device | str, dtype: torch.dtype | None 
         moved = value.to(device)
         return moved.to(dtype) if dtype is not None and moved.is_floating_point() else moved
     if isinstance(value, Mapping):
-        return type(value)({key: to_device(item, device, dtype) for key, item in value.items()})
+        mapping: Callable[..., Any] = type(value)
+        return mapping({key: to_device(item, device, dtype) for key, item in value.items()})
     if is_dataclass(value) and not isinstance(value, type):
         return type(value)(**{field.name: to_device(getattr(value, field.name), device, dtype)
                               for field in fields(value) if field.init})

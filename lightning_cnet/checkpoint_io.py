@@ -27,9 +27,9 @@ Example:
 from __future__ import annotations
 
 from lightning_cnet._atomic import AtomicCheckpointIOMixin, is_local, save_atomically
-from lightning_cnet._namespace import module_getattr
+from lightning_cnet._namespace import module_getattr, registered_names
 
 #: ``AtomicCheckpointIO``, made concrete on first access (:mod:`lightning_cnet._namespace`).
 __getattr__ = module_getattr(__name__)
 
-__all__ = ["AtomicCheckpointIO", "AtomicCheckpointIOMixin", "is_local", "save_atomically"]
+__all__ = [*registered_names(__name__), "AtomicCheckpointIOMixin", "is_local", "save_atomically"]

@@ -8,12 +8,12 @@ The concrete classes mix it with ``pytorch_lightning.LightningModule`` (:mod:`li
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_cnet._namespace import lightning_class
@@ -82,14 +82,16 @@ class ClassificationTask(BackboneTask):
         merged = {**(model_kwargs or {}), **{name: value for name, value in flat.items() if value is not None}}
         super().__init__(model, model_kwargs=merged, **kwargs)
         self.num_classes = self.model.num_classes
-        metrics = {"acc": MulticlassAccuracy(self.num_classes, top_k=1, average="micro")}
+        metrics: dict[str, Metric | MetricCollection] = {
+            "acc": MulticlassAccuracy(self.num_classes, top_k=1, average="micro")}
         if self.num_classes > 5:
             metrics["acc_top5"] = MulticlassAccuracy(self.num_classes, top_k=5, average="micro")
         collection = MetricCollection(metrics, compute_groups=False)  # top-1 and top-5 must not share state
         self.metrics = nn.ModuleDict({f"{split}_metrics": collection.clone(prefix=f"{split}_") for split in SPLITS})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run_backbone(x)
+        logits: torch.Tensor = self.run_backbone(x)
+        return logits
 
     # ------------------------------------------------------------------ steps
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, split: str) -> torch.Tensor:
@@ -99,7 +101,7 @@ class ClassificationTask(BackboneTask):
                              "the dataset and sampler behind the DataLoader (an empty split or shard)")
         logits = self(images)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
-        metrics = self.metrics[f"{split}_metrics"]
+        metrics = cast(MetricCollection, self.metrics[f"{split}_metrics"])
         metrics.update(logits.detach().float(), targets)
         on_step = split == "train"
         self.log(f"{split}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=split != "test", sync_dist=True)
@@ -117,4 +119,5 @@ class ClassificationTask(BackboneTask):
         return self._shared_step(batch, batch_idx, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self(model_input(batch, self)).softmax(dim=-1)
+        logits: torch.Tensor = self(model_input(batch, self))
+        return logits.softmax(dim=-1)

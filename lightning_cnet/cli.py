@@ -14,8 +14,8 @@ another model, a missing dataset) end with one line ``lightning-cnet: error: ...
 no files left from the failed run.
 
 ``lightning-cnet predict`` with a classifier writes ``predictions.csv`` (sample index, predicted class, class
-probabilities) to the run's log directory and names it in its last log line; ``lightning-cnet --version`` prints the version;
-``--optimizer`` without ``--lr_scheduler`` warns, in one line, that the model's own optimizer and schedule are
+probabilities) to the run's log directory and names it in its last log line; ``lightning-cnet --version`` prints the
+version; ``--optimizer`` without ``--lr_scheduler`` warns, in one line, that the model's own optimizer and schedule are
 replaced by a constant learning rate.
 
 Example:
@@ -39,12 +39,13 @@ from typing import Any, NoReturn
 
 import pytorch_lightning as pl
 import yaml
+from lightning_fabric.utilities.exceptions import MisconfigurationException  # pytorch_lightning's, defined here
 from pytorch_lightning.callbacks import BasePredictionWriter, Callback, ModelCheckpoint, ProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, LRSchedulerTypeUnion
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins.io import CheckpointIO, TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
-from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.optim import Optimizer
 
 from lightning_cnet import __version__
@@ -204,7 +205,7 @@ class ContinuousNetCLI(LightningCLI):
                 subclass_mode_model=True,
                 subclass_mode_data=True,
                 parser_class=_Parser,
-                args=args,
+                args=None if args is None else list(args),
                 **kwargs,
             )
         except SIGTERMException:
@@ -354,7 +355,8 @@ class ContinuousNetCLI(LightningCLI):
         folder that already holds checkpoints must resume (``--ckpt_path``). ``__init__`` releases them."""
         self._check_cost(subcommand)
         folders = run_folders(self.trainer, fit=subcommand == "fit")
-        self._claim = claim(folders) if rank_zero_only.rank == 0 else Claim([], [], [])
+        rank = getattr(rank_zero_only, "rank", 0)  # set by Lightning at import, from the environment
+        self._claim = claim(folders) if rank == 0 else Claim([], [], [])
         if subcommand == "fit":
             refuse_used_checkpoint_folders(self.trainer, self.config[subcommand].get("ckpt_path"))
 
@@ -414,7 +416,8 @@ def _model_class(config: Any) -> type | None:
         return None
     module, name = class_path.rsplit(".", 1)
     try:
-        return getattr(import_module(module), name)
+        found: type | None = getattr(import_module(module), name)
+        return found
     except (ImportError, AttributeError):
         return None
 
@@ -487,7 +490,7 @@ def _raised_in(err: BaseException, modules: tuple[str, ...]) -> bool:
         return False
     while traceback.tb_next is not None:
         traceback = traceback.tb_next
-    return traceback.tb_frame.f_globals.get("__name__", "").startswith(modules)
+    return bool(traceback.tb_frame.f_globals.get("__name__", "").startswith(modules))
 
 
 # ---------------------------------------------------------------------- arguments taken from the data
@@ -661,11 +664,11 @@ class LastCheckpoint(ModelCheckpoint):
         dirpath: the folder (``None``: the run's ``checkpoints`` folder, where the best checkpoint goes too).
     """
 
-    def __init__(self, dirpath: str | None = None) -> None:
+    def __init__(self, dirpath: str | Path | None = None) -> None:
         super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
 
 
-def last_checkpoint(dirpath: str | None) -> LastCheckpoint:
+def last_checkpoint(dirpath: str | Path | None) -> LastCheckpoint:
     """The ``last.ckpt`` callback for a run whose best checkpoint goes to ``dirpath``."""
     return LastCheckpoint(dirpath)
 

@@ -44,10 +44,13 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from lightning_cnet.ode_block import ODEBlock
 
 #: Most integration steps per stage: a forward pass of 65,536 RK4 steps per stage evaluates the unit 786,432 times
 #: (minutes per batch even for ``cnet_digits`` at 8x8) and its step plan takes ~100 MB per stage.
@@ -214,7 +217,7 @@ class Cost:
         return ", ".join(parts)
 
 
-def _ode_blocks(model: nn.Module) -> list[nn.Module]:
+def _ode_blocks(model: nn.Module) -> list[ODEBlock]:
     from lightning_cnet.ode_block import ODEBlock
 
     return [module for module in model.modules() if isinstance(module, ODEBlock)]
@@ -224,7 +227,7 @@ def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
-def _piece_bytes(block: nn.Module) -> int:
+def _piece_bytes(block: ODEBlock) -> int:
     """Bytes of one piece of every time-dependent tensor of an ODE stage."""
     total = _tensor_bytes(t for layer in block.time_layers() for pieces in layer.pieces_by_name().values()
                           for t in pieces)
@@ -462,4 +465,4 @@ def check_cost(
 def scaled(value: int, share: float, minimum: int = 1) -> int:
     """The largest power of two ``<= value * share`` (at least ``minimum``): a resolution that fits."""
     target = max(value * share, minimum)
-    return max(2 ** int(math.floor(math.log2(target))), minimum)
+    return max(int(2 ** math.floor(math.log2(target))), minimum)

@@ -36,7 +36,7 @@ import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -242,7 +242,7 @@ def measure_validation(
                 batch = prepare(batch)
             recorder.batch_size = batch_size(batch)
             with step_context() if step_context is not None else nullcontext():
-                module.validation_step(batch, index)
+                cast(Callable[..., Any], module.validation_step)(batch, index)
         return recorder.values(all_reduce)
 
 

@@ -126,7 +126,8 @@ def make_tableau(
     if n_stages < 1:
         raise ValueError(f"scheme {name!r}: b must hold at least one weight, got {list(b)!r}")
     if len(a) != n_stages or any(len(row) != n_stages for row in a):
-        raise ValueError(f"scheme {name!r}: a must be a {n_stages}x{n_stages} matrix (one row and column per weight in b)")
+        raise ValueError(
+            f"scheme {name!r}: a must be a {n_stages}x{n_stages} matrix (one row and column per weight in b)")
     for row_index, row in enumerate(a):
         if any(float(value) != 0.0 for value in row[row_index:]):
             raise ValueError(

@@ -26,12 +26,17 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lightning_cnet.bases import Basis, NodeWeights
+
+#: A time-dependent tensor's ``K`` pieces: a layer's ``nn.ParameterList`` or a plain sequence of tensors.
+Pieces = Sequence[torch.Tensor] | nn.ParameterList
+_BatchNorm = nn.modules.batchnorm._BatchNorm
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,7 +55,7 @@ class ParameterChange:
     sources: Mapping[nn.Parameter, tuple[tuple[nn.Parameter, float], ...]]
 
 
-def at_time(pieces: Sequence[torch.Tensor], nodes: NodeWeights) -> torch.Tensor:
+def at_time(pieces: Pieces, nodes: NodeWeights) -> torch.Tensor:
     """``sum_k w_k pieces[k]`` for the given node weights; plain indexing for a single piece."""
     index, weight = nodes[0]
     value = pieces[index] if weight == 1.0 else pieces[index] * weight
@@ -80,7 +85,7 @@ def _sources(matrix: torch.Tensor, old: Sequence[nn.Parameter], row: int) -> tup
 
 
 def _weight_and_bias(
-    weight: Sequence[torch.Tensor], bias: Sequence[torch.Tensor] | None, nodes: NodeWeights,
+    weight: Pieces, bias: Pieces | None, nodes: NodeWeights,
     gain: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A weighted layer's ``theta(t)``: weight and bias at the node weights, both scaled by ``gain`` if given."""
@@ -338,6 +343,10 @@ class TimeBatchNorm2d(TimeDependent):
     def n_basis(self) -> int:
         return len(self.pieces)
 
+    def norms(self) -> list[_BatchNorm]:
+        """The pieces, each a BatchNorm (``nn.BatchNorm2d``, or ``nn.SyncBatchNorm`` after a conversion)."""
+        return cast(list[_BatchNorm], list(self.pieces))
+
     def check_basis(self, basis: Basis) -> None:
         """Raise ``ValueError`` unless the node weights of ``basis`` form a partition of unity."""
         if not basis.partition_of_unity:
@@ -349,25 +358,26 @@ class TimeBatchNorm2d(TimeDependent):
 
     def pieces_by_name(self) -> dict[str, list[torch.Tensor]]:
         """The affine parameters and running statistics as lists of ``K`` pieces, by name."""
-        return {name: [getattr(piece, name) for piece in self.pieces]
+        return {name: [getattr(piece, name) for piece in self.norms()]
                 for name in ("weight", "bias", "running_mean", "running_var")}
 
     def forward(self, x: torch.Tensor, nodes: NodeWeights) -> torch.Tensor:
         """Normalise with the parameters at the given time."""
         if len(nodes) == 1 and self._sums is None:
-            return self.pieces[nodes[0][0]](x)
-        pieces = [self.pieces[index] for index, _ in nodes]
+            normalised: torch.Tensor = self.pieces[nodes[0][0]](x)
+            return normalised
+        pieces = cast(list[_BatchNorm], [self.pieces[index] for index, _ in nodes])
         shares = [share for _, share in nodes]
         nodes_here = tuple(enumerate(shares))
         weight = at_time([piece.weight for piece in pieces], nodes_here)
         bias = at_time([piece.bias for piece in pieces], nodes_here)
         eps = pieces[0].eps
         if not self.training:
-            mean = at_time([piece.running_mean for piece in pieces], nodes_here)
-            var = at_time([piece.running_var for piece in pieces], nodes_here)
+            mean = at_time([_running(piece)[0] for piece in pieces], nodes_here)
+            var = at_time([_running(piece)[1] for piece in pieces], nodes_here)
             return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
         if self._sums is not None and x.dtype in (torch.float32, torch.float64):
-            return self._normalise_and_record(x, nodes, weight, bias, eps)
+            return self._normalise_and_record(x, self._sums, nodes, weight, bias, eps)
         with torch.no_grad():
             batch_var, batch_mean = torch.var_mean(x.detach().to(torch.float64), dim=(0, 2, 3), correction=1)
             if self._sums is not None:
@@ -378,8 +388,9 @@ class TimeBatchNorm2d(TimeDependent):
                     _update_running_statistics(piece, batch_mean, batch_var, share)
         return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
 
-    def _normalise_and_record(self, x: torch.Tensor, nodes: NodeWeights, weight: torch.Tensor, bias: torch.Tensor,
-                              eps: float) -> torch.Tensor:
+    @staticmethod
+    def _normalise_and_record(x: torch.Tensor, sums: _StatisticsSums, nodes: NodeWeights, weight: torch.Tensor,
+                              bias: torch.Tensor, eps: float) -> torch.Tensor:
         """While statistics are re-estimated: normalise with the batch statistics and add them to the sums of the
         pieces read. ``batch_norm`` computes them once and hands them over in fresh buffers (momentum 1: the batch
         mean and unbiased variance), which costs far less than a separate ``var_mean``."""
@@ -387,7 +398,7 @@ class TimeBatchNorm2d(TimeDependent):
         batch_var = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
         output = F.batch_norm(x, batch_mean, batch_var, weight, bias, True, 1.0, eps)
         for index, share in nodes:
-            self._sums.add(index, share, batch_mean, batch_var)
+            sums.add(index, share, batch_mean, batch_var)
         return output
 
     @contextmanager
@@ -398,22 +409,23 @@ class TimeBatchNorm2d(TimeDependent):
         weight; on a normal exit each piece that was read gets the weighted average of what reached it (the
         others keep theirs). Used by :func:`lightning_cnet.recalibrate_bn`.
         """
-        self._sums = _StatisticsSums(self.n_basis, self.num_features, self.pieces[0].running_mean.device)
+        sums = self._sums = _StatisticsSums(self.n_basis, self.num_features, _running(self.norms()[0])[0].device)
         try:
             yield
             with torch.no_grad():
-                weight, mean, var = self._sums.totals()
-                for index, piece in enumerate(self.pieces):
+                weight, mean, var = sums.totals()
+                for index, piece in enumerate(self.norms()):
                     if weight[index] > 0:
-                        piece.running_mean.copy_(mean[index] / weight[index])
-                        piece.running_var.copy_(var[index] / weight[index])
+                        running_mean, running_var, _ = _running(piece)
+                        running_mean.copy_(mean[index] / weight[index])
+                        running_var.copy_(var[index] / weight[index])
         finally:
             self._sums = None
 
     def resample(self, matrix: torch.Tensor) -> ParameterChange:
         """Build ``K_new`` BatchNorms (of the pieces' class) whose affine maps and statistics are ``matrix @ pieces``;
         a mapped variance is clamped to stay positive."""
-        old_pieces = list(self.pieces)
+        old_pieces = self.norms()
         old = tuple(self.parameters())
         template = old_pieces[0]
         values = {
@@ -427,15 +439,22 @@ class TimeBatchNorm2d(TimeDependent):
             with torch.no_grad():
                 for name in ("weight", "bias", "running_mean", "running_var"):
                     getattr(piece, name).copy_(values[name][row])
-                piece.running_var.clamp_(min=piece.eps)
-                counts = [old_pieces[col].num_batches_tracked for col in range(matrix.shape[1]) if matrix[row, col]]
-                piece.num_batches_tracked.copy_(max(counts))
+                _running(piece)[1].clamp_(min=piece.eps)
+                counts = [_running(old_pieces[col])[2] for col in range(matrix.shape[1]) if matrix[row, col]]
+                _running(piece)[2].copy_(max(counts))
             for name in ("weight", "bias"):
                 getattr(piece, name).requires_grad_(getattr(template, name).requires_grad)
                 sources[getattr(piece, name)] = _sources(matrix, [getattr(p, name) for p in old_pieces], row)
             new_pieces.append(piece)
         self.pieces = nn.ModuleList(new_pieces)
         return ParameterChange(old, tuple(self.parameters()), sources)
+
+
+def _running(norm: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A BatchNorm piece's running mean, running variance and batch count (every piece of a
+    :class:`TimeBatchNorm2d` tracks running statistics, so none of them is ``None``)."""
+    return (cast(torch.Tensor, norm.running_mean), cast(torch.Tensor, norm.running_var),
+            cast(torch.Tensor, norm.num_batches_tracked))
 
 
 def _update_running_statistics(
@@ -447,21 +466,23 @@ def _update_running_statistics(
     one batch. Updated through ``.data``, so that, like the in-kernel update of a plain BatchNorm call, it does not
     bump the version of buffers an earlier call saved for backward.
     """
+    running_mean, running_var, count = _running(norm)
     if norm.momentum is None:
-        norm.num_batches_tracked.data.add_(1)
-        factor = share / float(norm.num_batches_tracked)
+        count.data.add_(1)
+        factor = share / float(count)
     else:
         factor = norm.momentum * share
-    norm.running_mean.data.lerp_(batch_mean.to(norm.running_mean.dtype), factor)
-    norm.running_var.data.lerp_(batch_var.to(norm.running_var.dtype), factor)
+    running_mean.data.lerp_(batch_mean.to(running_mean.dtype), factor)
+    running_var.data.lerp_(batch_var.to(running_var.dtype), factor)
 
 
 def _empty_like(norm: nn.modules.batchnorm._BatchNorm) -> nn.modules.batchnorm._BatchNorm:
     """A new BatchNorm of the same class, options, device, dtype and mode (a SyncBatchNorm keeps its group)."""
-    options = {"eps": norm.eps, "momentum": norm.momentum, "affine": norm.affine,
-               "track_running_stats": norm.track_running_stats}
+    options: dict[str, Any] = {"eps": norm.eps, "momentum": norm.momentum, "affine": norm.affine,
+                               "track_running_stats": norm.track_running_stats}
     if isinstance(norm, nn.SyncBatchNorm):
         options["process_group"] = norm.process_group
     piece = type(norm)(norm.num_features, **options)
-    piece.to(device=norm.running_mean.device, dtype=norm.running_mean.dtype)
+    running_mean = _running(norm)[0]
+    piece.to(device=running_mean.device, dtype=running_mean.dtype)
     return piece.train(norm.training)

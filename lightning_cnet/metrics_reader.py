@@ -94,5 +94,5 @@ def _keyed(rows: Iterable[tuple[int | None, int, float]]) -> list[tuple[int, flo
     by_epoch = all(epoch is not None for epoch in epochs) and len(set(epochs)) == len(epochs)
     series: dict[int, float] = {}
     for epoch, step, value in rows:
-        series[epoch if by_epoch else step] = value
+        series[epoch if by_epoch and epoch is not None else step] = value
     return sorted(series.items())

@@ -27,7 +27,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -115,10 +115,11 @@ class Stitch(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv1(self.relu(self.norm1(x)))
         y = self.conv2(self.relu(self.norm2(y)))
-        return self.shortcut(x) + y
+        out: torch.Tensor = self.shortcut(x) + y
+        return out
 
 
-def _per_stage(value: PerStage, n_stages: int, name: str) -> list[Any]:
+def _per_stage(value: float | Sequence[float] | None, n_stages: int, name: str) -> list[Any]:
     if value is None or isinstance(value, (int, float)):
         return [value] * n_stages
     values = list(value)
@@ -190,7 +191,7 @@ class ContinuousNet(nn.Module):
             for width, n, k, t in zip(widths, steps, pieces, depths)
         )
         self.stitches = nn.ModuleList(Stitch(w_in, w_out) for w_in, w_out in zip(widths[:-1], widths[1:]))
-        self.norm = nn.BatchNorm2d(widths[-1])
+        self.norm: nn.Module = nn.BatchNorm2d(widths[-1])
         self.num_features = widths[-1]
         self.num_classes = num_classes
         self.fc: nn.Module = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
@@ -381,7 +382,7 @@ class ContinuousNet(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each integration step's activations in backward (timm's gradient checkpointing): sets every
         stage's ``recompute_steps``, so activation memory no longer grows with the step count."""
-        for stage in self.stages:
+        for stage in self._blocks():
             stage.recompute_steps = bool(enable)
 
     @property
@@ -417,10 +418,14 @@ class ContinuousNet(nn.Module):
                                              (r"^norm", (99999,))]}
 
     # ------------------------------------------------------------------ resolution
+    def _blocks(self) -> list[ODEBlock]:
+        """The stages (``nn.ModuleList`` is not generic: every stage is an :class:`ODEBlock`)."""
+        return cast(list[ODEBlock], list(self.stages))
+
     @property
     def resolution(self) -> tuple[StageResolution, ...]:
         """Per-stage representation and manifestation."""
-        return tuple(stage.resolution for stage in self.stages)
+        return tuple(stage.resolution for stage in self._blocks())
 
     @property
     def stage_resolutions(self) -> tuple[StageResolution, ...]:
@@ -430,7 +435,7 @@ class ContinuousNet(nn.Module):
     @property
     def function_evaluations(self) -> int:
         """Evaluations of residual units per forward pass, summed over stages."""
-        return sum(stage.function_evaluations for stage in self.stages)
+        return sum(stage.function_evaluations for stage in self._blocks())
 
     def set_manifestation(
         self,
@@ -461,10 +466,10 @@ class ContinuousNet(nn.Module):
             if n is not None:
                 validate_n_steps(n)
         after = [stage.resolution.with_manifestation(scheme=scheme, n_steps=n, integrator=integrator)
-                 for stage, n in zip(self.stages, steps)]
+                 for stage, n in zip(self._blocks(), steps)]
         costs = tuple(StageCost(r.n_basis, r.n_steps, r.tableau.n_stages, 0) for r in after)
         check_cost(Cost(costs), what=f"the manifestation n_steps={'-'.join(str(c.n_steps) for c in costs)}")
-        for stage, n in zip(self.stages, steps):
+        for stage, n in zip(self._blocks(), steps):
             stage.set_manifestation(scheme=scheme, n_steps=n, integrator=integrator)
 
     @contextmanager
@@ -489,12 +494,12 @@ class ContinuousNet(nn.Module):
             >>> net.resolution[0].scheme
             'euler'
         """
-        previous = [stage.resolution.integrator for stage in self.stages]
+        previous = [stage.resolution.integrator for stage in self._blocks()]
         self.set_manifestation(scheme=scheme, n_steps=n_steps, integrator=integrator)
         try:
             yield self
         finally:
-            for stage, old in zip(self.stages, previous):
+            for stage, old in zip(self._blocks(), previous):
                 stage.set_manifestation(integrator=old)
 
     @contextmanager
@@ -534,7 +539,7 @@ class ContinuousNet(nn.Module):
         self.check_refine(step_factor=step_factor)
         parameters_before = self._count_parameters()
         changes = [stage.refine(noise_std=noise_std, generator=generator, step_factor=step_factor)
-                   for stage in self.stages]
+                   for stage in self._blocks()]
         return self._report(changes, parameters_before)
 
     def check_refine(self, refinements: int = 1, *, training: bool = False,
@@ -576,10 +581,10 @@ class ContinuousNet(nn.Module):
         """
         pieces = _per_stage(n_basis, len(self.stages), "n_basis")
         steps = _per_stage(n_steps, len(self.stages), "n_steps")
-        for stage, k, n in zip(self.stages, pieces, steps):
+        for stage, k, n in zip(self._blocks(), pieces, steps):
             stage.check_compress(k, n)
         parameters_before = self._count_parameters()
-        changes = [stage.compress(n_basis=k, n_steps=n) for stage, k, n in zip(self.stages, pieces, steps)]
+        changes = [stage.compress(n_basis=k, n_steps=n) for stage, k, n in zip(self._blocks(), pieces, steps)]
         return self._report(changes, parameters_before)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
@@ -616,7 +621,9 @@ def _stage_indices(n_stages: int, indices: Indices) -> tuple[list[int], int]:
     """
     if indices is None:
         indices = n_stages
-    if isinstance(indices, int) and not isinstance(indices, bool):
+    if isinstance(indices, bool):
+        raise ValueError(f"indices={indices!r} is not valid: expected a count of last stages or a sequence of indices")
+    if isinstance(indices, int):
         if not 0 < indices <= n_stages:
             raise ValueError(f"indices={indices} takes the last {indices} stages: expected 1 to {n_stages}")
         taken = list(range(n_stages - indices, n_stages))
@@ -652,7 +659,7 @@ def _check_model_size(widths: list[int], steps: list[int], pieces: list[int], sc
 def _check_stage_resolutions(model: ContinuousNet, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     """Load pre-hook: check the stored resolution of every stage before any stage changes (each stage then takes
     its own in its pre-hook)."""
-    for index, stage in enumerate(model.stages):
+    for index, stage in enumerate(model._blocks()):
         stage.checkpoint_resolution(state_dict, f"{prefix}stages.{index}.")
 
 

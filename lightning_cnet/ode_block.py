@@ -94,7 +94,7 @@ class _FrozenStatistics:
     def __exit__(self, *exc: object) -> None:
         for norm, (momentum, count) in zip(self.norms, self.saved):
             norm.momentum = momentum
-            if count is not None:
+            if count is not None and norm.num_batches_tracked is not None:
                 norm.num_batches_tracked.copy_(count)
 
 
@@ -446,7 +446,7 @@ class ODEBlock(nn.Module):
                 )
             if self.recompute_steps and torch.is_grad_enabled():
                 # compiled, the recomputation is part of the traced graph and updates no statistic: no context needed
-                options = {} if _compiling() else {"context_fn": self._recomputation_context}
+                options: dict[str, Any] = {} if _compiling() else {"context_fn": self._recomputation_context}
                 for segment in self._integrator.segments(self._plan):
                     x = checkpoint(self._segment, x, segment, use_reentrant=False, **options)
                 return x

@@ -71,7 +71,7 @@ class CompactRichProgressBar(RichProgressBar):
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         return compact_metrics(super().get_metrics(trainer, pl_module))
 
-    def configure_columns(self, trainer: pl.Trainer) -> list:
+    def configure_columns(self, trainer: pl.Trainer) -> list[Any]:
         from pytorch_lightning.callbacks.progress.rich_progress import BatchesProcessedColumn, CustomBarColumn
         from rich.progress import TextColumn
 

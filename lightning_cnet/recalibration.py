@@ -79,11 +79,11 @@ def recalibrate_bn(
     modes = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for m in plain_norms]
     with restored_on_error(model), ExitStack() as stack:
-        for norm in time_norms:
-            stack.enter_context(norm.estimating_statistics())
-        for norm in plain_norms:
-            norm.reset_running_stats()
-            norm.momentum = None  # a cumulative average over the batches
+        for time_norm in time_norms:
+            stack.enter_context(time_norm.estimating_statistics())
+        for plain in plain_norms:
+            plain.reset_running_stats()
+            plain.momentum = None  # a cumulative average over the batches
         model.train()
         seen = 0
         try:
@@ -97,8 +97,8 @@ def recalibrate_bn(
         finally:
             for module, training in modes:
                 module.training = training
-            for norm, momentum in momenta:
-                norm.momentum = momentum
+            for plain, momentum in momenta:
+                plain.momentum = momentum
 
 
 def _check_stages(model: nn.Module) -> None:

@@ -8,8 +8,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,8 @@ SPLITS = ("train", "val", "test")
 
 def _feature_maps(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """The feature map after every ODE stage (what the task's ``compile`` compiles)."""
-    return model.forward_intermediates(x, intermediates_only=True)
+    maps = cast(ContinuousNet, model).forward_intermediates(x, intermediates_only=True)
+    return cast(list[torch.Tensor], maps)  # with intermediates_only, the list of maps alone
 
 
 class FeatureSumDecoder(nn.Module):
@@ -92,7 +93,7 @@ class SegmentationTask(BackboneTask):
 
     monitor: ClassVar[str] = "val_iou"
     mode: ClassVar[str] = "max"
-    backbone_function = staticmethod(_feature_maps)
+    backbone_function: ClassVar[Callable[[nn.Module, torch.Tensor], Any]] = staticmethod(_feature_maps)
 
     def __init__(
         self,
@@ -105,6 +106,7 @@ class SegmentationTask(BackboneTask):
     ) -> None:
         check_integer("num_classes", num_classes, minimum=2)  # the classes of the masks, background included
         check_integer("decoder_channels", decoder_channels)
+        assert num_classes is not None  # refused by check_integer
         super().__init__(model, num_classes=num_classes, **kwargs)
         self.num_classes = num_classes
         self.ignore_index = ignore_index
@@ -122,7 +124,8 @@ class SegmentationTask(BackboneTask):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class scores ``[B, num_classes, H, W]`` for images ``[B, in_chans, H, W]``."""
-        return self.decoder(self.run_backbone(x), x.shape[-2:])
+        scores: torch.Tensor = self.decoder(self.run_backbone(x), x.shape[-2:])
+        return scores
 
     # ------------------------------------------------------------------ steps
     def _shared_step(self, batch: Any, batch_idx: int, split: str) -> torch.Tensor:
@@ -133,7 +136,7 @@ class SegmentationTask(BackboneTask):
                              "the dataset and sampler behind the DataLoader")
         scores = self(images)
         loss = F.cross_entropy(scores, masks, ignore_index=-100 if self.ignore_index is None else self.ignore_index)
-        metric = self.metrics[f"{split}_iou"]
+        metric = cast(MulticlassJaccardIndex, self.metrics[f"{split}_iou"])
         metric.update(scores.detach().argmax(dim=1), masks)
         shown = split != "test"
         self.log(f"{split}_loss", loss, on_step=split == "train", on_epoch=True, prog_bar=shown and split == "train",
@@ -152,4 +155,5 @@ class SegmentationTask(BackboneTask):
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Per-pixel class probabilities ``[B, num_classes, H, W]``."""
-        return self(model_input(batch, self)).softmax(dim=1)
+        scores: torch.Tensor = self(model_input(batch, self))
+        return scores.softmax(dim=1)

@@ -34,6 +34,12 @@ from lightning_cnet.models import MODELS, ContinuousNet, get_model
 if TYPE_CHECKING:
     from lightning_cnet._namespace import Namespace
 
+    # A task is mixed with a LightningModule: to a type checker it is an nn.Module (what else it uses of the
+    # LightningModule, BackboneTask declares)
+    _LightningModuleBase = nn.Module
+else:
+    _LightningModuleBase = object
+
 #: Task arguments that must agree with the data module's attributes of the same name (the CLI links them).
 DATA_ARGUMENTS = ("num_classes", "in_chans")
 
@@ -41,7 +47,8 @@ DATA_ARGUMENTS = ("num_classes", "in_chans")
 def _call_backbone(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The backbone's forward, as :class:`CompiledBackbone` compiles it: the backbone is an argument, so that every copy
     of a task (``copy.deepcopy`` by weight-averaging callbacks) runs its own backbone through the same compiled code."""
-    return model(x)
+    logits: torch.Tensor = model(x)
+    return logits
 
 
 def build_backbone(model: str, model_kwargs: Mapping[str, Any] | None = None,
@@ -150,7 +157,7 @@ class CompiledBackbone:
         return {"options": self.options, "function": self.function}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["options"], state.get("function", _call_backbone))
+        type(self).__init__(self, state["options"], state.get("function", _call_backbone))
 
 
 def _pieces_per_stage(model: nn.Module) -> tuple[int, ...]:
@@ -158,7 +165,7 @@ def _pieces_per_stage(model: nn.Module) -> tuple[int, ...]:
     return tuple(resolution.n_basis for resolution in resolutions)
 
 
-class BackboneTask:
+class BackboneTask(_LightningModuleBase):
     """A task around a ContinuousNet backbone (mix with a ``LightningModule`` class; subclass to add a head and a loss).
 
     Args:
@@ -197,6 +204,14 @@ class BackboneTask:
     mode: ClassVar[str] = "min"
     #: What :meth:`run_backbone` computes (and ``compile`` compiles): ``function(backbone, images)``.
     backbone_function: ClassVar[Callable[[nn.Module, torch.Tensor], Any]] = staticmethod(_call_backbone)
+
+    if TYPE_CHECKING:  # what the task uses of the LightningModule it is mixed with, beyond nn.Module
+        hparams: Any
+        trainer: Any
+
+        def save_hyperparameters(self, *args: Any, **kwargs: Any) -> None: ...
+
+        def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None: ...
 
     def __init__(
         self,
@@ -288,6 +303,8 @@ class BackboneTask:
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
         hp = self.hparams
+        optimizer: torch.optim.Optimizer
+        scheduler: torch.optim.lr_scheduler.LRScheduler
         if hp.optimizer == "sgd":
             optimizer = torch.optim.SGD(
                 self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay,

@@ -49,7 +49,7 @@ import sys
 import warnings
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -230,7 +230,7 @@ def _graph_features(model: ContinuousNet, out_indices: Any = None, **kwargs: Any
     return FeatureGraphNet(model, out_indices=tuple(taken), **kwargs)
 
 
-def _check_weights_exist(name: str, pretrained_cfg: Any, overlay: Mapping[str, Any] | None) -> None:
+def _check_weights_exist(name: str, pretrained_cfg: Any, overlay: dict[str, Any] | None) -> None:
     from timm.models import resolve_pretrained_cfg
 
     cfg = resolve_pretrained_cfg(name, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay)
@@ -245,7 +245,7 @@ def _describe_instance(model: nn.Module, net: ContinuousNet, timm_defaults: bool
     """Complete the ``pretrained_cfg`` of ``model`` (``net`` or a feature wrapper around it): with timm's default
     configuration (``timm_defaults``), the input channels and classes of ``net``; for a classifier without one, the
     final feature map's size at the configured input size."""
-    cfg = model.pretrained_cfg
+    cfg = cast(dict[str, Any], model.pretrained_cfg)  # timm sets it on every model it builds
     if timm_defaults:
         cfg.update(first_conv="stem", input_size=(net.in_chans, *cfg["input_size"][1:]))
         if net is model:

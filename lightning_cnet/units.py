@@ -99,7 +99,8 @@ class PreActBasicUnit(ResidualUnit):
 
     def forward(self, x: torch.Tensor, nodes: NodeWeights, gain: torch.Tensor | None = None) -> torch.Tensor:
         y = self.conv1(torch.relu_(self.norm1(x, nodes)), nodes)
-        return self.conv2(torch.relu_(self.norm2(y, nodes)), nodes, gain)
+        out: torch.Tensor = self.conv2(torch.relu_(self.norm2(y, nodes)), nodes, gain)
+        return out
 
 
 class BottleneckUnit(ResidualUnit):
@@ -130,7 +131,8 @@ class BottleneckUnit(ResidualUnit):
     def forward(self, x: torch.Tensor, nodes: NodeWeights, gain: torch.Tensor | None = None) -> torch.Tensor:
         y = self.conv1(torch.relu_(self.norm1(x, nodes)), nodes)
         y = self.conv2(torch.relu_(self.norm2(y, nodes)), nodes)
-        return self.conv3(torch.relu_(self.norm3(y, nodes)), nodes, gain)
+        out: torch.Tensor = self.conv3(torch.relu_(self.norm3(y, nodes)), nodes, gain)
+        return out
 
 
 class MLPUnit(ResidualUnit):
@@ -183,7 +185,8 @@ class MLPUnit(ResidualUnit):
         *inner, last = self.linears
         for linear in inner:
             y = self.activation(linear(y, nodes))
-        return last(y, nodes, gain)
+        out: torch.Tensor = last(y, nodes, gain)
+        return out
 
 
 def register_unit(name: str, factory: UnitFactory, *, overwrite: bool = False) -> UnitFactory:
@@ -218,7 +221,9 @@ def get_unit(unit: str | UnitFactory) -> UnitFactory:
     return unit if callable(unit) else UNITS.get(unit)
 
 
-def build_unit(unit: str | UnitFactory, width: int, n_basis: int, unit_kwargs: dict[str, Any] | None = None) -> nn.Module:
+def build_unit(
+    unit: str | UnitFactory, width: int, n_basis: int, unit_kwargs: dict[str, Any] | None = None
+) -> nn.Module:
     """Build a residual unit and check that it is made of time-dependent layers with ``n_basis`` pieces.
 
     Raises:

@@ -186,7 +186,8 @@ def test_piecewise_constant_halving_is_block_averaging(n_basis: int) -> None:
 def test_projection_refuses_finer_and_invalid_sizes() -> None:
     with pytest.raises(ValueError, match=r"finer one of 5: expected n_to in \[1, 3\]"):
         CONSTANT.projection_matrix(3, 5)
-    with pytest.raises(ValueError, match="n_to=1 is not valid for the 'piecewise_linear' basis: expected an integer >= 2"):
+    with pytest.raises(ValueError,
+                       match="n_to=1 is not valid for the 'piecewise_linear' basis: expected an integer >= 2"):
         LINEAR.projection_matrix(3, 1)
     with pytest.raises(ValueError, match="n_basis=0 is not valid"):
         CONSTANT.refinement_matrix(0)

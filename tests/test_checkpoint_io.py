@@ -153,7 +153,7 @@ def test_a_larger_checkpoint_on_a_full_disk(small_filesystem, writer) -> None:
         assert torch.load(path, weights_only=True)["epoch"] == 0
         assert [name for name in _names(small_filesystem) if not name.startswith("ballast")] == ["last.ckpt"]
     else:
-        with pytest.raises(Exception):
+        with pytest.raises((RuntimeError, EOFError)):  # a cut zip archive; an empty file
             torch.load(path, weights_only=True)
 
 

@@ -164,7 +164,7 @@ def test_channels_last_gives_the_contiguous_output_and_stays_through_refinement(
     model = randomize(get_model("cnet_digits", scheme="rk4", n_steps=2)).eval()
     fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
     x = torch.randn(4, 1, 16, 16)
-    for level in range(2):
+    for _ in range(2):  # before and after a refinement
         kernels = [p for p in fast.parameters() if p.dim() == 4]
         assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
         assert all(not p.is_contiguous() for p in kernels if p.shape[1] > 1 and p.shape[2] > 1)  # really moved

@@ -92,7 +92,8 @@ def test_classic_rk4_is_not_the_three_eighths_rule() -> None:
 def test_quadrature_of_t_is_exact_for_consistent_nodes(schemes: dict, scheme: str, n_steps: int) -> None:
     """x' = t from 0 to 1 gives 1/2 exactly for every scheme of order >= 2 (it needs sum b_j c_j = 1/2 and
     the stages at the right times); Euler is a left Riemann sum, (N - 1) / (2N)."""
-    x1 = odeint_fixed(lambda t, x: torch.full_like(x, t), torch.zeros(1, dtype=torch.float64), 0.0, 1.0, n_steps, scheme)
+    x1 = odeint_fixed(lambda t, x: torch.full_like(x, t), torch.zeros(1, dtype=torch.float64), 0.0, 1.0, n_steps,
+                      scheme)
     expected = 0.5 if ORDERS[scheme] >= 2 else (n_steps - 1) / (2 * n_steps)
     assert x1.item() == pytest.approx(expected, abs=1e-15)
 

@@ -182,7 +182,7 @@ def test_the_leafspec_deprecation_is_silenced_in_the_command_only() -> None:
         warnings.simplefilter("always")
         launcher._quiet_lightning_warnings(["fit"])
         _tree_flatten(1)
-        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning)  # from elsewhere: kept
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, stacklevel=1)  # elsewhere: kept
     assert [str(w.message) for w in in_command] == ["`isinstance(treespec, LeafSpec)` is deprecated"]
 
 

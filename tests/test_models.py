@@ -299,7 +299,8 @@ def test_bad_manifestation_is_rejected_and_changes_nothing(request_: dict, messa
     ("piecewise_constant", dict(n_basis=(2, 8)), r"n_basis=8 is finer than the current 4"),
     ("piecewise_constant", dict(n_basis=(2, 2, 2)), r"n_basis=\(2, 2, 2\) must be one value or 2 values"),
     ("piecewise_constant", dict(n_basis=2, n_steps=(2, 0)), r"n_steps=0 is not valid"),
-    ("piecewise_linear", dict(n_basis=1), r"n_basis=1 is not valid for the 'piecewise_linear' basis: expected an integer >= 2"),
+    ("piecewise_linear", dict(n_basis=1),
+     r"n_basis=1 is not valid for the 'piecewise_linear' basis: expected an integer >= 2"),
 ])
 def test_bad_compression_is_rejected_and_changes_nothing(basis: str, request_: dict, message: str) -> None:
     model = _tiny(n_steps=4, basis=basis)

@@ -113,7 +113,8 @@ def test_forward_pass_reads_piece_i_in_every_stage_of_step_i(all_schemes: list[s
                     block.unit.conv1.weight[k].zero_()
                     block.unit.conv1.bias[k].fill_(float(k))
             read: list[float] = []
-            block.unit.conv1.register_forward_hook(lambda module, args, out: read.append(out.flatten()[0].item()))
+            block.unit.conv1.register_forward_hook(
+                lambda module, args, out, read=read: read.append(out.flatten()[0].item()))
             with torch.no_grad():
                 block(torch.randn(1, 1, 1, 1))
             assert read == [float(i) for i in range(n) for _ in range(stages)], (scheme, n)
@@ -347,7 +348,8 @@ BAD_COMPRESSIONS = [
     ("piecewise_constant", dict(n_basis=5), r"n_basis=5 is finer than the current 4.*expected n_basis in \[1, 4\]"),
     ("piecewise_constant", dict(n_basis=0), r"n_basis=0 is not valid.*expected an integer >= 1"),
     ("piecewise_constant", dict(n_basis=2.0), r"n_basis=2.0 is not valid"),
-    ("piecewise_linear", dict(n_basis=1), r"n_basis=1 is not valid for the 'piecewise_linear' basis: expected an integer >= 2"),
+    ("piecewise_linear", dict(n_basis=1),
+     r"n_basis=1 is not valid for the 'piecewise_linear' basis: expected an integer >= 2"),
     ("piecewise_constant", dict(n_basis=2, n_steps=0), r"n_steps=0 is not valid"),
 ]
 
@@ -432,7 +434,8 @@ def test_unreachable_checkpoint_resolution_is_rejected_before_any_change() -> No
     checkpoint = ODEBlock(3, n_basis=3, n_steps=3).state_dict()
     block = ODEBlock(3, n_basis=2, n_steps=2)
     state, resolution = _state(block), block.resolution
-    with pytest.raises(ValueError, match=r"n_basis=3 cannot be loaded into a stage with n_basis=2.*build the model with n_basis=3"):
+    with pytest.raises(ValueError,
+                       match=r"n_basis=3 cannot be loaded into a stage with n_basis=2.*build the model with n_basis=3"):
         block.load_state_dict(checkpoint)
     assert block.resolution == resolution
     _assert_same_state(state, block)

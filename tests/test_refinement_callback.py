@@ -519,7 +519,8 @@ def test_manifestation_monitor_logs_the_classifier_accuracy_of_each_manifestatio
     for scheme in ("euler", "rk4"):
         for steps in (1, 3):
             with torch.no_grad(), task.model.manifestation(scheme=scheme, n_steps=steps):
-                expected[f"manifestation/val_acc_{scheme}_{steps}"] = (task(images).argmax(-1) == targets).float().mean()
+                correct = task(images).argmax(-1) == targets
+                expected[f"manifestation/val_acc_{scheme}_{steps}"] = correct.float().mean()
     for name, value in expected.items():
         assert logged[name] == pytest.approx(value.item()), name
     assert logged["manifestation/invariance_gap"] == pytest.approx(max(expected.values()) - min(expected.values()))

@@ -298,7 +298,7 @@ def test_set_grad_checkpointing_recomputes_each_step_with_the_same_gradients():
         assert model.grad_checkpointing is enable and all(s.recompute_steps is enable for s in model.stages)
         calls = []
         for stage in model.stages:
-            stage.unit.register_forward_hook(lambda *args: calls.append(1))
+            stage.unit.register_forward_hook(lambda *args, calls=calls: calls.append(1))
         loss = torch.nn.functional.cross_entropy(model(x), target)
         in_forward = len(calls)
         loss.backward()

@@ -34,7 +34,8 @@ from lightning_cnet.units import UNITS, BottleneckUnit, ResidualUnit, build_unit
 
 # ---------------------------------------------------------------------- Euler == a bottleneck ResNet stage
 class PreActBottleneck(nn.Module):
-    """A hand-written pre-activation bottleneck block ``x + gate * conv(relu(bn(conv(relu(bn(conv(relu(bn(x))))))))``."""
+    """A hand-written pre-activation bottleneck block:
+    ``x + gate * conv(relu(bn(conv(relu(bn(conv(relu(bn(x))))))))``."""
 
     def __init__(self, channels: int, inner: int) -> None:
         super().__init__()

@@ -72,7 +72,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ---------------------------------------------------------------------- inputs
-def load_task(ckpt_path: str, model_class: type | None = None) -> Any:
+def load_task(ckpt_path: str, model_class: type[Any] | None = None) -> Any:
     """The LightningModule of a checkpoint written by ``lightning-cnet fit`` (or any Trainer), in eval mode.
 
     Args:
@@ -117,7 +117,8 @@ def model_class(config_path: Path | None) -> type | None:
     try:
         parser.parse_object({"model": {"class_path": class_path}})
         module, name = str(class_path).rsplit(".", 1)
-        return getattr(__import__(module, fromlist=[name]), name)
+        found: type | None = getattr(__import__(module, fromlist=[name]), name)
+        return found
     except Exception as error:  # noqa: BLE001 - a class path jsonargparse refuses is bad input
         raise UsageError(f"{config_path}: model.class_path {class_path!r} is not a LightningModule the package can "
                          f"load: {one_line(error)}") from None
@@ -224,6 +225,7 @@ class _Inputs:
         from lightning_cnet.classification import ClassificationTask
 
         measuring = next((task for task in self.tasks if not isinstance(task, ClassificationTask)), None)
+        assert config is not None  # with needs_data: --config, or the checkpoint's own (find_config raises)
         datamodule = build_datamodule(config)
         self.datamodule = datamodule
         self.batches = as_batches(dataloader(datamodule, args.split), limit=args.num_batches, task=measuring)
@@ -231,6 +233,13 @@ class _Inputs:
         if getattr(args, "recalibrate_bn", False):
             self.recalibration = as_batches(dataloader(datamodule, "train"), limit=args.recalibration_batches,
                                             task=measuring)
+
+    @property
+    def folder(self) -> Path:
+        """The output folder (``--out``) of a study that writes files."""
+        if self.out is None:
+            raise UsageError("--out is empty: give the folder to write the study's files to")
+        return self.out
 
     def batches_of(self, task: Any) -> Batches:
         """The evaluation batches, measured by ``task`` unless it is a classifier (accuracy and cross-entropy)."""
@@ -298,8 +307,8 @@ def _manifestation(args: argparse.Namespace) -> None:
                                    recalibration_batches=args.recalibration_batches)
         rows_by_label[label] = [{"checkpoint": label, **row} for row in rows]
     all_rows = [row for rows in rows_by_label.values() for row in rows]
-    table = write_csv(all_rows, inputs.out / "manifestation.csv")
-    picture = plot_manifestation(rows_by_label, inputs.out / "manifestation.png", metric=inputs.metric(all_rows))
+    table = write_csv(all_rows, inputs.folder / "manifestation.csv")
+    picture = plot_manifestation(rows_by_label, inputs.folder / "manifestation.png", metric=inputs.metric(all_rows))
     _print_rows(all_rows, [column for column in all_rows[0] if column != "reference_steps"])
     references = dict.fromkeys((row["checkpoint"], row["bn"], row["reference_steps"]) for row in all_rows)
     print("reference: rk4 at " + ", ".join(f"{steps} steps ({label}, {mode})" for label, mode, steps in references))
@@ -312,9 +321,9 @@ def _convergence(args: argparse.Namespace) -> None:
     inputs = _Inputs(args)
     errors, orders = convergence_study(inputs.nets[0], inputs.batches, schemes=args.schemes,
                                        n_steps=args.n_steps, reference_steps=args.reference_steps)
-    written = [write_csv(errors, inputs.out / "convergence.csv"),
-               write_csv(orders, inputs.out / "convergence_orders.csv"),
-               plot_convergence(errors, orders, inputs.out / "convergence.png")]
+    written = [write_csv(errors, inputs.folder / "convergence.csv"),
+               write_csv(orders, inputs.folder / "convergence_orders.csv"),
+               plot_convergence(errors, orders, inputs.folder / "convergence.png")]
     _print_rows([row for row in orders if row["output"] == "logits"])
     print("wrote " + ", ".join(str(path) for path in written))
 
@@ -325,9 +334,9 @@ def _depth(args: argparse.Namespace) -> None:
     for label, net in zip(inputs.labels, inputs.nets):
         pieces[label], stages[label] = depth_profile(net, label=label)
     all_stages = [row for rows in stages.values() for row in rows]
-    written = [write_csv([row for rows in pieces.values() for row in rows], inputs.out / "depth_profile.csv"),
-               write_csv(all_stages, inputs.out / "depth_smoothness.csv"),
-               plot_depth_profile(pieces, stages, inputs.out / "depth_profile.png")]
+    written = [write_csv([row for rows in pieces.values() for row in rows], inputs.folder / "depth_profile.csv"),
+               write_csv(all_stages, inputs.folder / "depth_smoothness.csv"),
+               plot_depth_profile(pieces, stages, inputs.folder / "depth_profile.png")]
     _print_rows(all_stages)
     print("wrote " + ", ".join(str(path) for path in written))
 
@@ -346,9 +355,9 @@ def _compression(args: argparse.Namespace) -> None:
     check_pairs(net, pairs)
     rows = compression_sweep(net, inputs.batches_of(task), pairs=pairs)
     resolution = net.resolution[0]
-    written = [write_csv(rows, inputs.out / "compression.csv"),
-               plot_compression(rows, inputs.out / "compression.png", trained=(resolution.n_basis, resolution.n_steps),
-                                metric=inputs.metric(rows))]
+    written = [write_csv(rows, inputs.folder / "compression.csv"),
+               plot_compression(rows, inputs.folder / "compression.png",
+                                trained=(resolution.n_basis, resolution.n_steps), metric=inputs.metric(rows))]
     if args.save:
         written += [save_compressed(path, task, k, n, Path(args.save)) for k, n in pairs]
     _print_rows(rows)

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from lightning_cnet.analysis._progress import pass_work, work_bar
 from lightning_cnet.analysis.evaluation import Batch, evaluate
 from lightning_cnet.models import ContinuousNet
+from lightning_cnet.ode_block import ODEBlock
 
 
 def parse_pair(text: str) -> tuple[int, int]:
@@ -42,7 +43,7 @@ def parse_pair(text: str) -> tuple[int, int]:
 def check_pairs(model: ContinuousNet, pairs: Sequence[tuple[int, int]]) -> None:
     """Raise ``ValueError`` for a pair :meth:`~lightning_cnet.ContinuousNet.compress` would refuse (before any work)."""
     for k, n in pairs:
-        for stage in model.stages:
+        for stage in cast(list[ODEBlock], list(model.stages)):
             stage.check_compress(k, n)
 
 

@@ -11,8 +11,8 @@ The error is relative, ``||y_N - y_ref||_F / ||y_ref||_F``. The order is the slo
 ``log(N)``, fitted by least squares separately for *aligned* step counts (multiples of the number of intervals of
 every stage's basis, ``n_basis`` pieces or ``n_basis - 1`` linear elements: each step lies inside one interval of
 ``theta(t)``) and the others, whose steps straddle the jumps (or kinks) of ``theta(t)`` and converge at order ~1.
-Only step counts at least the number of intervals enter a fit (the asymptotic regime). On ReLU networks the measured order of high-order schemes is typically ~2, below the
-tableau's order: ReLU makes ``R`` only Lipschitz in the state.
+Only step counts at least the number of intervals enter a fit (the asymptotic regime). On ReLU networks the measured
+order of high-order schemes is typically ~2, below the tableau's order: ReLU makes ``R`` only Lipschitz in the state.
 
 Adaptive steps (``integrators=[AdaptiveRK("dopri5", rtol=r) for r in ...]``) add rows with ``n_steps`` ``None``, their
 tolerances and the residual evaluations of a forward pass (``function_evaluations``, columns every row then has);
@@ -50,13 +50,17 @@ from lightning_cnet.models import ContinuousNet
 
 
 @torch.inference_mode()
-def _outputs(model: ContinuousNet, batches: Sequence[Batch], stage_inputs: list[list[torch.Tensor]] | None):
+def _outputs(
+    model: ContinuousNet, batches: Sequence[Batch], stage_inputs: list[list[torch.Tensor]] | None
+) -> tuple[list[torch.Tensor], list[list[torch.Tensor]], list[list[torch.Tensor]]]:
     """Logits per batch and, per stage, its output (from ``stage_inputs`` if given) and its input, per batch.
 
     The first stage's input is the stem's output, the same at every manifestation: its output from the whole
     network is taken as it is rather than computed a second time from ``stage_inputs``.
     """
-    logits, inputs, outputs = [], [[] for _ in model.stages], [[] for _ in model.stages]
+    logits: list[torch.Tensor] = []
+    inputs: list[list[torch.Tensor]] = [[] for _ in model.stages]
+    outputs: list[list[torch.Tensor]] = [[] for _ in model.stages]
 
     def record(index: int) -> Any:
         def hook(module: Any, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -135,7 +139,8 @@ def convergence_study(
     integrators = list(integrators)
     check_sweep_arguments([], [], integrators)
     pieces = [len(get_basis(r.basis).breakpoints(r.n_basis)) - 1 for r in model.resolution]  # intervals of theta(t)
-    n_steps = list(n_steps) if n_steps is not None else step_grid(4 * max(pieces + [r.n_steps for r in model.resolution]))
+    n_steps = (list(n_steps) if n_steps is not None
+               else step_grid(4 * max(pieces + [r.n_steps for r in model.resolution])))
     reference_steps = reference_steps or 16 * max(n_steps)
     check_sweep_arguments([*schemes, reference_scheme], [*n_steps, reference_steps])
     work = copy.deepcopy(model).double().eval()

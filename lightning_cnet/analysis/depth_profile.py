@@ -23,13 +23,14 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from lightning_cnet.layers import TimeDependent, TimeGate
 from lightning_cnet.models import ContinuousNet
+from lightning_cnet.ode_block import ODEBlock
 
 
 def _relative_jumps(pieces: list[torch.Tensor]) -> list[float]:
@@ -69,7 +70,7 @@ def depth_profile(model: ContinuousNet, *, label: str = "") -> tuple[list[dict[s
     """
     piece_rows: list[dict[str, Any]] = []
     stage_rows: list[dict[str, Any]] = []
-    for index, stage in enumerate(model.stages):
+    for index, stage in enumerate(cast(list[ODEBlock], list(model.stages))):
         resolution = stage.resolution
         spans = [(float(start), float(end)) for start, end in stage.basis.coefficient_spans(resolution.n_basis)]
         named = _time_parameters(stage)

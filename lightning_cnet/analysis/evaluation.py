@@ -36,7 +36,7 @@ from lightning_cnet.evaluation import defines, measure_validation
 Batch = Any
 
 
-class Batches(list):
+class Batches(list[Any]):
     """Materialised batches, and the task (if any) whose ``validation_step`` measures them (:func:`evaluate`)."""
 
     task: nn.Module | None = None

@@ -17,6 +17,7 @@ import importlib.util
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -102,7 +103,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> Pa
         evaluator = ReferenceEvaluator(str(temporary))
 
         def run(batch: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(evaluator.run(None, {"images": batch.cpu().numpy()})[0]).to(batch.device)
+            outputs = cast(list[Any], evaluator.run(None, {"images": batch.cpu().numpy()}))  # not intermediate: a list
+            return torch.from_numpy(outputs[0]).to(batch.device)
 
         _check_batches(run, model, example, "ONNX graph")
 

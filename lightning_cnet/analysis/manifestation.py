@@ -67,7 +67,8 @@ def step_grid(largest: int) -> list[int]:
         >>> step_grid(16)
         [1, 2, 3, 4, 6, 8, 12, 16]
     """
-    grid, power = set(), 1
+    grid: set[int] = set()
+    power = 1
     while power <= largest:
         grid.update(n for n in (power, 3 * power // 2) if n <= largest)
         power *= 2
@@ -142,6 +143,7 @@ class _Evaluator:
         with self.model.manifestation(scheme=scheme, n_steps=n_steps), statistics_restored(self.model):
             work = self.work(mode)
             if mode == RECALIBRATED:
+                assert self.recalibration is not None  # the mode is only planned with recalibration batches
                 recalibrate_bn(self.model, self.recalibration)
             result = self.evaluate()
         self.bar.update(work)
@@ -163,8 +165,8 @@ class _Evaluator:
 def _fine_reference(
     evaluator: _Evaluator, mode: str, scheme: str, coarse: list[torch.Tensor] | None, largest: int, rtol: float
 ) -> tuple[int, list[torch.Tensor]]:
-    """The reference of this module's docstring: ``scheme`` at the first of ``2 * largest, 4 * largest, ...`` steps whose logits change by at most ``rtol`` from half as many steps, at most
-    ``MAX_REFERENCE_FACTOR * largest``.
+    """The reference of this module's docstring: ``scheme`` at the first of ``2 * largest, 4 * largest, ...`` steps
+    whose logits change by at most ``rtol`` from half as many steps, at most ``MAX_REFERENCE_FACTOR * largest``.
 
     Args:
         evaluator: evaluates the model in ``mode``.
@@ -189,7 +191,9 @@ def _fine_reference(
     return steps, fine
 
 
-def _unplanned(evaluator: _Evaluator, mode: str, scheme: str, steps: int) -> tuple[dict[str, float], list[torch.Tensor]]:
+def _unplanned(
+    evaluator: _Evaluator, mode: str, scheme: str, steps: int
+) -> tuple[dict[str, float], list[torch.Tensor]]:
     """Evaluate a manifestation that was not in the bar's plan: its work is added first."""
     with evaluator.model.manifestation(scheme=scheme, n_steps=steps):
         add_work(evaluator.bar, evaluator.work(mode))

@@ -32,7 +32,8 @@ def require_matplotlib() -> None:
 
 def _save(figure: Any, path: str | Path) -> Path:
     figure.tight_layout()
-    written = write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png", bbox_inches="tight"))
+    written = write_atomically(
+        path, lambda temporary: figure.savefig(temporary, dpi=120, format="png", bbox_inches="tight"))
     _pyplot().close(figure)
     return written
 
@@ -165,8 +166,8 @@ def plot_depth_profile(
         axes[2][stage].set_ylabel("relative jump of the kernels")
         axes[2][stage].set_xlabel("depth t")
         axes[2][stage].legend(fontsize=7)
-        for row in range(3):
-            axes[row][stage].grid(alpha=0.3)
+        for panel in range(3):
+            axes[panel][stage].grid(alpha=0.3)
     return _save(figure, path)
 
 

@@ -6,8 +6,8 @@ namespace by the concrete classes (``lightning_cnet.data`` and ``lightning_cnet.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence, Sized
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -46,7 +46,7 @@ def seeded_split(n: int, n_val: int, seed: int) -> tuple[list[int], list[int]]:
     return sorted(perm[n_val:].tolist()), sorted(perm[:n_val].tolist())
 
 
-class TransformedSubset(Dataset):
+class TransformedSubset(Dataset[Any]):
     """The samples ``indices`` of ``dataset``, with ``transform`` applied to each image.
 
     Lets the training and validation parts of one loaded dataset use different transforms
@@ -68,7 +68,7 @@ class TransformedSubset(Dataset):
     """
 
     def __init__(
-        self, dataset: Dataset, indices: Sequence[int], transform: Callable[[Any], Any], *, seed: int | None = None
+        self, dataset: Dataset[Any], indices: Sequence[int], transform: Callable[[Any], Any], *, seed: int | None = None
     ) -> None:
         self.dataset = dataset
         self.indices = list(indices)
@@ -97,19 +97,25 @@ class SplitDataMixin:
     use persistent workers when ``num_workers > 0``. All use pinned memory when CUDA is available.
     """
 
+    if TYPE_CHECKING:  # what the mixin and its subclasses use of the LightningDataModule they are mixed with
+        hparams: Any
+        trainer: Any
+
+        def save_hyperparameters(self, *args: Any, **kwargs: Any) -> None: ...
+
     def __init__(self) -> None:
         super().__init__()
-        self.train_dataset: Dataset | None = None
-        self.val_dataset: Dataset | None = None
-        self.test_dataset: Dataset | None = None
+        self.train_dataset: Dataset[Any] | None = None
+        self.val_dataset: Dataset[Any] | None = None
+        self.test_dataset: Dataset[Any] | None = None
 
-    def _checked(self, dataset: Dataset | None) -> Dataset:
+    def _checked(self, dataset: Dataset[Any] | None) -> Dataset[Any]:
         """``dataset``, or a ``RuntimeError`` if ``setup`` has not built it."""
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run for this stage before its dataloader")
         return dataset
 
-    def _loader(self, dataset: Dataset | None) -> DataLoader:
+    def _loader(self, dataset: Dataset[Any] | None) -> DataLoader[Any]:
         workers = self.hparams.num_workers
         return DataLoader(
             self._checked(dataset),
@@ -119,7 +125,7 @@ class SplitDataMixin:
             pin_memory=torch.cuda.is_available(),
         )
 
-    def train_sampler(self, n: int) -> Sampler:
+    def train_sampler(self, n: int) -> Sampler[Any]:
         """The training order of ``n`` samples: an :class:`EpochKeySampler` seeded with ``seed``."""
         return EpochKeySampler(n, self.hparams.seed)
 
@@ -129,20 +135,20 @@ class SplitDataMixin:
         return ResumableDataLoader(
             dataset,
             seed=self.hparams.seed,
-            sampler=self.train_sampler(len(dataset)),
+            sampler=self.train_sampler(len(cast(Sized, dataset))),
             batch_size=self.hparams.batch_size,
             num_workers=self.hparams.num_workers,
             pin_memory=torch.cuda.is_available(),
         )
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader[Any]:
         """Validation batches, in a fixed order and without augmentation."""
         return self._loader(self.val_dataset)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader[Any]:
         """Test batches, in a fixed order."""
         return self._loader(self.test_dataset)
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> DataLoader[Any]:
         """The test images and labels, in the order of ``test_dataloader``."""
         return self._loader(self.test_dataset)

@@ -6,6 +6,8 @@ concrete for ``pytorch_lightning`` and ``lightning.pytorch``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -71,7 +73,7 @@ def digit_canvases(
     return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(masks)
 
 
-class SegmentationDataset(Dataset):
+class SegmentationDataset(Dataset[Any]):
     """Images and masks held in memory, served as ``{"image": [C, H, W], "mask": [H, W]}`` samples."""
 
     def __init__(self, images: Tensor, masks: Tensor) -> None:
@@ -167,7 +169,7 @@ class DigitCanvasDataMixin(SplitDataMixin):
     @property
     def image_size(self) -> int:
         """Side of the square images in every batch."""
-        return self.hparams.canvas_size
+        return int(self.hparams.canvas_size)
 
     def setup(self, stage: str | None = None) -> None:
         """Draw the canvases of all three splits and standardise them (once; later calls do nothing).
@@ -182,10 +184,10 @@ class DigitCanvasDataMixin(SplitDataMixin):
         images = torch.from_numpy(digits.images).float().div(16.0).unsqueeze(1)
         if hp.digit_size != images.shape[-1]:
             images = F.interpolate(images, size=(hp.digit_size, hp.digit_size), mode="bilinear", align_corners=False)
-        images, labels = images.squeeze(1).numpy(), digits.target
+        arrays, labels = images.squeeze(1).numpy(), digits.target
         sizes = {"train": hp.train_size, "val": hp.val_size, "test": hp.test_size}
         splits = {
-            name: digit_canvases(images[indices], labels[indices], sizes[name], canvas_size=hp.canvas_size,
+            name: digit_canvases(arrays[indices], labels[indices], sizes[name], canvas_size=hp.canvas_size,
                                  digits_per_image=hp.digits_per_image, threshold=hp.threshold,
                                  seed=hp.seed * len(_SPLIT_STREAMS) + _SPLIT_STREAMS[name])
             for name, indices in _split_indices(labels).items()
@@ -197,6 +199,6 @@ class DigitCanvasDataMixin(SplitDataMixin):
             for name in ("train", "val", "test")
         )
 
-    def train_sampler(self, n: int) -> Sampler:
+    def train_sampler(self, n: int) -> Sampler[Any]:
         """The training order: an :class:`~lightning_cnet.data.sampling.EpochSampler` seeded with ``seed``."""
         return EpochSampler(n, self.hparams.seed)

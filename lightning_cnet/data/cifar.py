@@ -7,7 +7,7 @@ make them concrete for ``pytorch_lightning`` and ``lightning.pytorch``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
@@ -109,7 +109,7 @@ class _CIFARDataMixin(SplitDataMixin):
     @property
     def dataset_dir(self) -> Path:
         """The folder holding the extracted files, ``<data_dir>/<torchvision base folder>``."""
-        return Path(self.hparams.data_dir).expanduser().resolve() / self._reference.base_folder
+        return Path(self.hparams.data_dir).expanduser().resolve() / str(self._reference.base_folder)
 
     def _files(self) -> list[tuple[str, str]]:
         """``(file name, md5)`` of every file of the extracted dataset."""
@@ -166,7 +166,7 @@ class _CIFARDataMixin(SplitDataMixin):
         if stage in (None, "test", "predict") and self.test_dataset is None:
             self.test_dataset = self._reader(root, train=False, transform=self.eval_transform)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader[Any]:
         """Batches of the official test set."""
         return self._loader(self.test_dataset)
 

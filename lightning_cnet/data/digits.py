@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -111,7 +112,7 @@ class DigitsDataMixin(SplitDataMixin):
     @property
     def image_size(self) -> int:
         """Side of the square images in every batch."""
-        return self.hparams.image_size
+        return int(self.hparams.image_size)
 
     def setup(self, stage: str | None = None) -> None:
         """Load, split, upsample and standardise all three splits (once; later calls do nothing).
@@ -126,15 +127,22 @@ class DigitsDataMixin(SplitDataMixin):
         self.mean, self.std = train_images.mean().item(), train_images.std().item()
         self._build_datasets(splits)
 
+    def _statistics(self) -> tuple[float, float]:
+        """The training images' mean and std, which :meth:`setup` computes."""
+        if self.mean is None or self.std is None:
+            raise RuntimeError(f"{type(self).__name__}: the training mean and std are computed in setup(), first")
+        return self.mean, self.std
+
     def _standardise(self, images: Tensor) -> Tensor:
-        return (images - self.mean) / self.std
+        mean, std = self._statistics()
+        return (images - mean) / std
 
     def _build_datasets(self, splits: dict[str, tuple[Tensor, Tensor]]) -> None:
         self.train_dataset, self.val_dataset, self.test_dataset = (
             TensorDataset(self._standardise(splits[name][0]), splits[name][1]) for name in ("train", "val", "test")
         )
 
-    def train_sampler(self, n: int) -> Sampler:
+    def train_sampler(self, n: int) -> Sampler[Any]:
         """The training order: an :class:`~lightning_cnet.data.sampling.EpochSampler` seeded with ``seed``."""
         return EpochSampler(n, self.hparams.seed)
 
@@ -181,7 +189,7 @@ class AffineNoise:
         return distorted + self.noise * torch.randn(distorted.shape, generator=generator, dtype=images.dtype)
 
 
-class _EpochDistortedDataset(Dataset):
+class _EpochDistortedDataset(Dataset[Any]):
     """Training digits distorted afresh each epoch, reproducibly from ``(seed, epoch)``.
 
     Items are addressed by ``(epoch, index)`` keys as yielded by ``EpochKeySampler``; a plain
@@ -206,7 +214,7 @@ class _EpochDistortedDataset(Dataset):
 
     def epoch_images(self, epoch: int) -> Tensor:
         """All training images, standardised, as distorted in ``epoch``."""
-        if epoch != self._epoch:
+        if epoch != self._epoch or self._distorted is None:  # both None before the first epoch
             generator = torch.Generator().manual_seed(derived_seed(self.seed, Stream.TRAIN_DISTORTION, epoch))
             self._distorted = (self.distortion(self.images, generator) - self.mean) / self.std
             self._epoch = epoch
@@ -281,7 +289,7 @@ class HardDigitsDataMixin(DigitsDataMixin):
 
     def _build_datasets(self, splits: dict[str, tuple[Tensor, Tensor]]) -> None:
         seed = self.hparams.seed
-        self.train_dataset = _EpochDistortedDataset(*splits["train"], self.distortion, self.mean, self.std, seed)
+        self.train_dataset = _EpochDistortedDataset(*splits["train"], self.distortion, *self._statistics(), seed)
         fixed = {}
         for name, stream in (("val", Stream.VAL_DISTORTION), ("test", Stream.TEST_DISTORTION)):
             images, labels = splits[name]
@@ -289,6 +297,6 @@ class HardDigitsDataMixin(DigitsDataMixin):
             fixed[name] = TensorDataset(self._standardise(self.distortion(images, generator)), labels)
         self.val_dataset, self.test_dataset = fixed["val"], fixed["test"]
 
-    def train_sampler(self, n: int) -> Sampler:
+    def train_sampler(self, n: int) -> Sampler[Any]:
         """The training order, with each index tagged by its epoch (the distortions are drawn per epoch)."""
         return EpochKeySampler(n, self.hparams.seed)

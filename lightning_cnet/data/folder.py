@@ -7,6 +7,7 @@ make it concrete for ``pytorch_lightning`` and ``lightning.pytorch``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
@@ -33,7 +34,7 @@ class _FixedClassFolder(datasets.ImageFolder):
     is an error.
     """
 
-    def __init__(self, root: str, class_to_idx: dict[str, int], **kwargs) -> None:
+    def __init__(self, root: str, class_to_idx: dict[str, int], **kwargs: Any) -> None:
         self._given_class_to_idx = class_to_idx
         super().__init__(root, allow_empty=True, **kwargs)
 
@@ -152,12 +153,12 @@ class ImageFolderDataMixin(SplitDataMixin):
     @property
     def in_chans(self) -> int:
         """Number of image channels."""
-        return self.hparams.in_chans
+        return int(self.hparams.in_chans)
 
     @property
     def image_size(self) -> int:
         """Side of the square images in every batch."""
-        return self.hparams.image_size
+        return int(self.hparams.image_size)
 
     def setup(self, stage: str | None = None) -> None:
         """Index the folders the stage needs: train and val for fit/validate, test for test/predict.
@@ -188,6 +189,6 @@ class ImageFolderDataMixin(SplitDataMixin):
         self.train_dataset = TransformedSubset(full, train_indices, self.train_transform, seed=seed)
         self.val_dataset = TransformedSubset(full, val_indices, self.eval_transform)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader[Any]:
         """Batches of ``root/test``."""
         return self._loader(self.test_dataset)

@@ -15,6 +15,7 @@ import gzip
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,8 +100,8 @@ def read_idx(path: str | Path) -> np.ndarray:
     with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as handle:
         data = handle.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != _UBYTE or not 1 <= data[3] <= 4:
-        raise ValueError(f"{path} is not an IDX file of unsigned bytes: its magic number is {data[:4].hex() or 'empty'}, "
-                         f"expected 00000801 to 00000804")
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes: its magic number is "
+                         f"{data[:4].hex() or 'empty'}, expected 00000801 to 00000804")
     dims = data[3]
     header = 4 + 4 * dims
     if len(data) < header:
@@ -187,8 +188,8 @@ class IDXDataMixin(SplitDataMixin):
         if dataset != "idx" and num_classes != 10:
             raise ValueError(f"num_classes={num_classes} is fixed to 10 for dataset={dataset!r}; it is for 'idx' only")
         if download and IDX_DATASETS[dataset].torchvision is None:
-            raise ValueError(f"download=True needs a named dataset ({', '.join(k for k in IDX_DATASETS if k != 'idx')}), "
-                             f"got dataset={dataset!r}")
+            named = ", ".join(k for k in IDX_DATASETS if k != "idx")
+            raise ValueError(f"download=True needs a named dataset ({named}), got dataset={dataset!r}")
         self.save_hyperparameters()
         self.info = IDX_DATASETS[dataset]
         self.mean: float | None = None
@@ -198,7 +199,7 @@ class IDXDataMixin(SplitDataMixin):
     @property
     def num_classes(self) -> int:
         """Number of classes."""
-        return self.hparams.num_classes
+        return int(self.hparams.num_classes)
 
     @property
     def in_chans(self) -> int:
@@ -221,7 +222,7 @@ class IDXDataMixin(SplitDataMixin):
         height, width = struct.unpack(">2I", header[8:16])
         if height != width:
             raise ValueError(f"{path} holds {height}x{width} images; IDXDataModule needs square ones")
-        return height
+        return int(height)
 
     # ------------------------------------------------------------------ files
     def search_dirs(self) -> list[Path]:
@@ -273,7 +274,9 @@ class IDXDataMixin(SplitDataMixin):
                 self._locate()
             except DatasetNotFoundError:
                 root = Path(self.hparams.data_dir).expanduser().resolve()
-                self.info.torchvision(str(root), train=True, download=True)
+                fetch = self.info.torchvision
+                assert fetch is not None  # __init__ refuses download=True for a dataset without one
+                fetch(str(root), train=True, download=True)
         self._locate()
 
     def _load(self, split: str) -> tuple[Tensor, Tensor]:
@@ -291,7 +294,8 @@ class IDXDataMixin(SplitDataMixin):
         if labels.size and labels.max() >= self.num_classes:
             raise ValueError(f"{paths[split, 'labels']} holds label {labels.max()}, beyond num_classes="
                              f"{self.num_classes}")
-        return torch.from_numpy(images.copy()).unsqueeze(1).float().div_(255.0), torch.from_numpy(labels.astype(np.int64))
+        return (torch.from_numpy(images.copy()).unsqueeze(1).float().div_(255.0),
+                torch.from_numpy(labels.astype(np.int64)))
 
     # ------------------------------------------------------------------ splits
     def setup(self, stage: str | None = None) -> None:
@@ -317,6 +321,8 @@ class IDXDataMixin(SplitDataMixin):
             self.test_dataset = TensorDataset(self._standardise(images), labels)
 
     def _standardise(self, images: Tensor) -> Tensor:
+        if self.mean is None or self.std is None:
+            raise RuntimeError(f"{type(self).__name__}: the training mean and std are computed in setup(), first")
         return (images - self.mean) / self.std
 
     def _build_train_val(self, images: Tensor, labels: Tensor, val_images: Tensor, val_labels: Tensor) -> None:
@@ -332,7 +338,7 @@ class IDXDataMixin(SplitDataMixin):
         self.train_dataset = TransformedSubset(TensorDataset(images, labels), range(len(labels)),
                                                transforms.Compose(steps), seed=self.hparams.seed)
 
-    def train_sampler(self, n: int) -> Sampler:
+    def train_sampler(self, n: int) -> Sampler[Any]:
         """The training order; indices are tagged with their epoch when augmentation draws per epoch."""
         if self.hparams.augment:
             return EpochKeySampler(n, self.hparams.seed)

@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import IntEnum
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -152,7 +152,13 @@ class EpochKeySampler(EpochSampler):
         return iter([(epoch, index) for index in self.permutation(epoch)])
 
 
-class ResumableDataLoader(DataLoader):
+class _EpochCounting(Protocol):
+    """A sampler that says which epoch it draws (:class:`EpochSampler`)."""
+
+    epoch: int
+
+
+class ResumableDataLoader(DataLoader[Any]):
     """A training ``DataLoader`` whose position in the epoch goes into Lightning checkpoints.
 
     :meth:`state_dict` records the epoch of the current pass and how many batches it has handed out.
@@ -191,7 +197,7 @@ class ResumableDataLoader(DataLoader):
         True
     """
 
-    def __init__(self, dataset: Dataset, *, seed: int, **kwargs: Any) -> None:
+    def __init__(self, dataset: Dataset[Any], *, seed: int, **kwargs: Any) -> None:
         check_integer("seed", seed, minimum=0)
         if kwargs.pop("persistent_workers", False):
             raise ValueError("`persistent_workers` must be off: ResumableDataLoader starts its workers every epoch")
@@ -203,16 +209,16 @@ class ResumableDataLoader(DataLoader):
                 f"{type(self.sampler).__name__}"
             )
         self.seed = seed
-        self._epoch: int = self.sampler.epoch
+        self._epoch: int = cast(_EpochCounting, self.sampler).epoch
         self._handed_out = 0
         self._resume: dict[str, int] | None = None
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # DataLoader's declares its iterator class
         # A generator: the epoch is read when the first batch is asked for, after Lightning's `set_epoch`.
         return self._epoch_pass()
 
     def _epoch_pass(self) -> Iterator[Any]:
-        epoch = self.sampler.epoch
+        epoch = cast(_EpochCounting, self.sampler).epoch
         done = self._batches_to_drop(epoch)
         self.generator.manual_seed(derived_seed(self.seed, Stream.WORKERS, epoch))
         self._epoch, self._handed_out = epoch, done
@@ -237,7 +243,7 @@ class ResumableDataLoader(DataLoader):
             )
         return resume["batches"]
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, int | None]:
         """The epoch of the current (or last) pass, its batches handed out, and the batch layout."""
         return {
             "epoch": self._epoch,
