@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+# every module that registers a Lightning class, imported before an example's registrations are snapshotted
+from lightning_cnet import _atomic, _namespace, callbacks, classification, data, segmentation  # noqa: F401
 from lightning_cnet.bases import BASES
 from lightning_cnet.integrators import SCHEMES
 from lightning_cnet.models import MODELS
@@ -36,4 +38,6 @@ def test_readme_example_runs(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for registry in (SCHEMES, BASES, MODELS, UNITS):  # what an example registers is dropped afterwards
         monkeypatch.setattr(registry, "_entries", dict(registry._entries))
+    for table in ("_REGISTRY", "_CONCRETE"):  # the Lightning classes an example registers, too
+        monkeypatch.setattr(_namespace, table, dict(getattr(_namespace, table)))
     exec(compile(BLOCKS[index], f"README.md example {index + 1}", "exec"), {"__name__": "__readme__"})
