@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from refinement_support import TinyDigits, make_task, n_steps, trainer_options
+from test_timm import stage_maps
 
 from lightning_cnet import ODEBlock, get_model, register_model, timm_support
 from lightning_cnet.analysis.export import export_onnx, export_program
@@ -26,15 +27,6 @@ from timm.models._features import FeatureGetterNet  # noqa: E402
 timm_support.register_timm_models()  # what a user does after importing timm
 
 BUILDERS = ("cnet_cifar", "cnet_cifar_wide", "cnet_digits")
-
-
-def stage_maps(model: ContinuousNet, x: torch.Tensor) -> list[torch.Tensor]:
-    """The map after each stage, by running the modules one by one (stem, stage, stitch, stage, ...)."""
-    maps, x = [], model.stem(x)
-    for index, stage in enumerate(model.stages):
-        x = stage(x if index == 0 else model.stitches[index - 1](x))
-        maps.append(x)
-    return maps
 
 
 def scripted(module: torch.nn.Module) -> torch.jit.ScriptModule:
